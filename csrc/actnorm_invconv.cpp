@@ -1,0 +1,302 @@
+#include "actnorm_invconv.h"
+
+#include <ATen/ops/linalg_solve_triangular.h>
+#include <c10/util/Exception.h>
+
+#include <vector>
+
+namespace glow_ext {
+namespace {
+
+constexpr int64_t kTrmmBlock = 192;  // below this a dense mm on the masked block is cheaper
+
+std::string shape_str(const at::Tensor& t) { return c10::str(t.sizes()); }
+
+void check_vector(const char* op, const char* name, const at::Tensor& t, int64_t C) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == C, op, ": `", name, "` must have shape (C,) = (", C,
+              ",) to match the channels of the input, got ", shape_str(t));
+}
+
+void check_matrix(const char* op, const char* name, const at::Tensor& t, int64_t C) {
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == C && t.size(1) == C, op, ": `", name,
+              "` must have shape (C, C) = (", C, ", ", C, ") to match the channels of the input, got ",
+              shape_str(t));
+}
+
+bool is_reduced_float(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; }
+
+// Validates perm on the CPU only: on CUDA it would cost a host synchronisation per call, so there
+// the layers check it once, when they build the permutation.
+void check_permutation(const char* op, const at::Tensor& perm) {
+  if (!perm.is_cpu()) return;
+  const auto p = perm.contiguous();
+  const int64_t C = p.numel();
+  const int64_t* idx = p.const_data_ptr<int64_t>();
+  std::vector<char> seen(C, 0);
+  for (int64_t i = 0; i < C; ++i) {
+    TORCH_CHECK(idx[i] >= 0 && idx[i] < C && !seen[idx[i]], op,
+                ": `perm` must be a permutation of 0..", C - 1, ", but perm[", i, "] = ", idx[i],
+                idx[i] >= 0 && idx[i] < C ? " repeats an earlier entry" : " is out of range");
+    seen[idx[i]] = 1;
+  }
+}
+
+void check_finite_log_s(const char* op, const at::Tensor& log_s) {
+  if (!log_s.is_cpu()) return;  // same reason as the permutation check
+  TORCH_CHECK(at::isfinite(log_s).all().item<bool>(), op,
+              ": `log_s` has non-finite entries; W would be singular or overflow");
+}
+
+// p's tensors converted to the accumulation dtype (no copy when they already are).
+struct AccParams {
+  at::Tensor bias, logs, lower, upper, log_s, sign_s;
+  AccParams(const LUParams& p, at::ScalarType acc)
+      : bias(p.bias.to(acc)),
+        logs(p.logs.to(acc)),
+        lower(p.lower.to(acc)),
+        upper(p.upper.to(acc)),
+        log_s(p.log_s.to(acc)),
+        sign_s(p.sign_s.to(acc)) {}
+
+  at::Tensor unit_lower() const {
+    return lower.tril(-1) + at::eye(lower.size(0), lower.options());
+  }
+  at::Tensor scale() const { return sign_s * log_s.exp(); }  // diagonal of U'
+  at::Tensor upper_factor() const { return upper.triu(1) + at::diag(scale()); }
+};
+
+// out = T · B for triangular T (its other triangle already zero), in ~half the flops of a dense mm
+// by recursing on the 2x2 block structure.
+void trmm_into(const at::Tensor& T, const at::Tensor& B, bool upper, at::Tensor out) {
+  const int64_t n = T.size(0);
+  if (n <= kTrmmBlock) {
+    at::mm_out(out, T, B);
+    return;
+  }
+  const int64_t h = n / 2;
+  const auto T11 = T.slice(0, 0, h).slice(1, 0, h);
+  const auto T22 = T.slice(0, h).slice(1, h);
+  const auto B1 = B.slice(0, 0, h), B2 = B.slice(0, h);
+  auto out1 = out.slice(0, 0, h), out2 = out.slice(0, h);
+  trmm_into(T11, B1, upper, out1);
+  trmm_into(T22, B2, upper, out2);
+  if (upper) {
+    out1.addmm_(T.slice(0, 0, h).slice(1, h), B2);
+  } else {
+    out2.addmm_(T.slice(0, h).slice(1, 0, h), B1);
+  }
+}
+
+at::Tensor trmm(const at::Tensor& T, const at::Tensor& B, bool upper) {
+  auto out = at::empty({T.size(0), B.size(1)}, B.options());
+  trmm_into(T, B, upper, out);
+  return out;
+}
+
+// inv[perm[i]] = i, on perm's device without a host round trip.
+at::Tensor inverse_permutation(const at::Tensor& perm) {
+  auto inv = at::empty_like(perm);
+  inv.scatter_(0, perm, at::arange(perm.size(0), perm.options()));
+  return inv;
+}
+
+// (N, C, H, W) <-> (C, N·H·W): the factored path works on one matrix of pixels.
+at::Tensor to_channel_matrix(const at::Tensor& x, at::ScalarType acc) {
+  return x.transpose(0, 1).reshape({x.size(1), -1}).to(acc);
+}
+
+at::Tensor from_channel_matrix(const at::Tensor& m, at::IntArrayRef shape, at::ScalarType dtype) {
+  return m.view({shape[1], shape[0], shape[2], shape[3]}).transpose(0, 1).contiguous().to(dtype);
+}
+
+at::Tensor assemble_weight(const AccParams& a, const at::Tensor& perm) {
+  return trmm(a.unit_lower(), a.upper_factor(), /*upper=*/false).index_select(0, perm);
+}
+
+ChannelMap fold_forward_generic(const AccParams& a, const at::Tensor& perm) {
+  const auto w = assemble_weight(a, perm) * a.logs.exp().unsqueeze(0);
+  return {w, at::mv(w, a.bias)};
+}
+
+// x = diag(exp(-logs)) · W⁻¹ · y - bias, with W⁻¹ = U'⁻¹ L⁻¹ Pᵀ from two triangular solves.
+ChannelMap fold_inverse_generic(const AccParams& a, const at::Tensor& perm) {
+  const int64_t C = perm.size(0);
+  const auto perm_t = at::eye(C, a.lower.options()).index_select(1, perm);  // Pᵀ
+  auto w_inv = at::linalg_solve_triangular(a.unit_lower(), perm_t, /*upper=*/false, /*left=*/true,
+                                           /*unitriangular=*/true);
+  w_inv = at::linalg_solve_triangular(a.upper_factor(), w_inv, /*upper=*/true);
+  return {w_inv * (-a.logs).exp().unsqueeze(1), -a.bias};
+}
+
+at::Tensor logdet_of(const LUParams& p, int64_t pixels_per_image) {
+  return (p.logs.sum() + p.log_s.sum()) * static_cast<double>(pixels_per_image);
+}
+
+}  // namespace
+
+bool use_factored_path(int64_t channels, int64_t pixels) {
+  // Assembly costs ~C^3/3 multiply-adds against C^2·M for the per-pixel product.
+  return channels > kTrmmBlock && pixels < channels;
+}
+
+at::ScalarType accumulation_dtype(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void check_inputs(const char* op, const char* input_name, const at::Tensor& x, const LUParams& p) {
+  TORCH_CHECK(x.dim() == 4, op, ": `", input_name, "` must be 4-D (N, C, H, W), got shape ",
+              shape_str(x));
+  const int64_t C = x.size(1);
+  TORCH_CHECK(C > 0, op, ": `", input_name, "` must have at least one channel");
+  const auto x_type = x.scalar_type();
+  TORCH_CHECK(x_type == at::kFloat || x_type == at::kDouble ||
+                  (x.is_cuda() && is_reduced_float(x_type)),
+              op, ": `", input_name, "` must be float32 or float64",
+              x.is_cuda() ? " (or float16/bfloat16)" : " on the CPU (float16/bfloat16 need CUDA)",
+              ", got ", x_type);
+
+  const std::pair<const char*, const at::Tensor*> named[] = {
+      {"bias", &p.bias},   {"logs", &p.logs},   {"perm", &p.perm},     {"lower", &p.lower},
+      {"upper", &p.upper}, {"log_s", &p.log_s}, {"sign_s", &p.sign_s}};
+  for (const auto& [name, t] : named) {
+    TORCH_CHECK(t->device() == x.device(), op, ": `", name, "` is on ", t->device(), " but `",
+                input_name, "` is on ", x.device(), "; all arguments must be on one device");
+  }
+  check_vector(op, "bias", p.bias, C);
+  check_vector(op, "logs", p.logs, C);
+  check_vector(op, "perm", p.perm, C);
+  check_matrix(op, "lower", p.lower, C);
+  check_matrix(op, "upper", p.upper, C);
+  check_vector(op, "log_s", p.log_s, C);
+  check_vector(op, "sign_s", p.sign_s, C);
+
+  TORCH_CHECK(p.perm.scalar_type() == at::kLong, op, ": `perm` must be int64, got ",
+              p.perm.scalar_type());
+  const auto param_type = p.bias.scalar_type();
+  for (const auto& [name, t] : named) {
+    if (t == &p.perm) continue;
+    TORCH_CHECK(t->scalar_type() == param_type, op, ": `", name, "` is ", t->scalar_type(),
+                " but `bias` is ", param_type, "; the parameters must share one dtype");
+  }
+  TORCH_CHECK(param_type == x_type || (is_reduced_float(x_type) && param_type == at::kFloat), op,
+              ": the parameters are ", param_type, " but `", input_name, "` is ", x_type,
+              "; they must match (float32 parameters are also accepted for float16/bfloat16 input)");
+  check_permutation(op, p.perm);
+  check_finite_log_s(op, p.log_s);
+}
+
+std::tuple<at::Tensor, at::Tensor> forward(const Backend& backend, const at::Tensor& x_in,
+                                           const LUParams& p) {
+  check_inputs("glow_ext::actnorm_invconv_lu", "x", x_in, p);
+  const auto x = x_in.contiguous();
+  const int64_t C = x.size(1), HW = x.size(2) * x.size(3), M = x.size(0) * HW;
+  auto logdet = logdet_of(p, HW);
+  if (x.numel() == 0) return {at::empty_like(x), logdet};
+
+  const auto acc = accumulation_dtype(x);
+  if (use_factored_path(C, M)) {
+    const AccParams a(p, acc);
+    const auto x_hat =
+        (to_channel_matrix(x, acc) + a.bias.unsqueeze(1)) * a.logs.exp().unsqueeze(1);
+    const auto u = trmm(a.upper_factor(), x_hat, /*upper=*/true);
+    const auto v = trmm(a.unit_lower(), u, /*upper=*/false);
+    return {from_channel_matrix(v.index_select(0, p.perm), x.sizes(), x.scalar_type()), logdet};
+  }
+  ChannelMap map;
+  if (!backend.fold_forward_small(p, acc, map)) map = fold_forward_generic(AccParams(p, acc), p.perm);
+  return {backend.channel_mix(x, map), logdet};
+}
+
+at::Tensor inverse(const Backend& backend, const at::Tensor& y_in, const LUParams& p) {
+  check_inputs("glow_ext::actnorm_invconv_lu_inverse", "y", y_in, p);
+  const auto y = y_in.contiguous();
+  if (y.numel() == 0) return at::empty_like(y);
+  const int64_t C = y.size(1), M = y.size(0) * y.size(2) * y.size(3);
+  const auto acc = accumulation_dtype(y);
+  const AccParams a(p, acc);
+  if (use_factored_path(C, M)) {
+    auto v = to_channel_matrix(y, acc).index_select(0, inverse_permutation(p.perm));
+    v = at::linalg_solve_triangular(a.unit_lower(), v, /*upper=*/false, /*left=*/true,
+                                    /*unitriangular=*/true);
+    v = at::linalg_solve_triangular(a.upper_factor(), v, /*upper=*/true);
+    const auto x = v * (-a.logs).exp().unsqueeze(1) - a.bias.unsqueeze(1);
+    return from_channel_matrix(x, y.sizes(), y.scalar_type());
+  }
+  return backend.channel_mix(y, fold_inverse_generic(a, p.perm));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
+    const Backend& backend, const at::Tensor& grad_y_in, const at::Tensor& grad_logdet,
+    const at::Tensor& x_in, const LUParams& p) {
+  const char* op = "glow_ext::actnorm_invconv_lu_backward";
+  check_inputs(op, "x", x_in, p);
+  TORCH_CHECK(grad_y_in.sizes() == x_in.sizes(), op, ": `grad_y` must have the shape of `x` ",
+              shape_str(x_in), ", got ", shape_str(grad_y_in));
+  TORCH_CHECK(grad_y_in.scalar_type() == x_in.scalar_type() && grad_y_in.device() == x_in.device(),
+              op, ": `grad_y` must match `x` in dtype and device");
+  TORCH_CHECK(grad_logdet.numel() == 1 && grad_logdet.device() == x_in.device(), op,
+              ": `grad_logdet` must be a one-element tensor on the device of `x`");
+
+  const auto x = x_in.contiguous();
+  const auto grad_y = grad_y_in.contiguous();
+  const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3), M = N * HW;
+  const auto acc = accumulation_dtype(x);
+  const auto param_type = p.bias.scalar_type();
+  const AccParams a(p, acc);
+  const auto gld = grad_logdet.reshape({}).to(acc) * static_cast<double>(HW);
+  const auto scale = a.logs.exp();  // ActNorm's multiplier
+  const auto lower_f = a.unit_lower();
+  const auto upper_f = a.upper_factor();
+
+  at::Tensor grad_x, grad_lower, grad_upper_full, x_hat_grad, x_hat_dot;
+  if (x.numel() == 0) {
+    grad_x = at::empty_like(x);
+    grad_lower = at::zeros_like(a.lower);
+    grad_upper_full = at::zeros_like(a.upper);
+    x_hat_grad = at::zeros_like(a.bias);  // sum over pixels of dL/dx_hat
+    x_hat_dot = at::zeros_like(a.bias);   // sum over pixels of dL/dx_hat ⊙ x_hat
+  } else if (use_factored_path(C, M)) {
+    // Recompute the intermediate u = U'·x_hat, then walk the factors backwards.
+    const auto x_hat = (to_channel_matrix(x, acc) + a.bias.unsqueeze(1)) * scale.unsqueeze(1);
+    const auto u = trmm(upper_f, x_hat, /*upper=*/true);
+    const auto g_v = to_channel_matrix(grad_y, acc).index_select(0, inverse_permutation(p.perm));
+    grad_lower = at::mm(g_v, u.t());
+    const auto g_u = trmm(lower_f.t(), g_v, /*upper=*/true);
+    grad_upper_full = at::mm(g_u, x_hat.t());
+    const auto g_x_hat = trmm(upper_f.t(), g_u, /*upper=*/false);
+    grad_x = from_channel_matrix(g_x_hat * scale.unsqueeze(1), x.sizes(), x.scalar_type());
+    x_hat_grad = g_x_hat.sum(1);
+    x_hat_dot = (g_x_hat * x_hat).sum(1);
+  } else {
+    // y = Wf·x + c with Wf = W·diag(a), c = W·(a⊙b): per-pixel passes over grad_y and x, then the
+    // chain rule on C x C matrices.
+    const auto weight = assemble_weight(a, p.perm);
+    const auto folded = weight * scale.unsqueeze(0);
+    grad_x = backend.channel_mix(grad_y, {folded.t().contiguous(), at::zeros_like(a.bias)});
+    const auto g3 = grad_y.view({N, C, HW}).to(acc);
+    const auto x3 = x.view({N, C, HW}).to(acc);
+    const auto grad_folded = at::bmm(g3, x3.transpose(1, 2)).sum(0);  // dL/dWf
+    const auto grad_offset = g3.sum({0, 2});                           // dL/dc
+    const auto grad_weight = grad_folded * scale.unsqueeze(0) +
+                             at::outer(grad_offset, scale * a.bias);  // dL/dW
+    const auto wt_grad_offset = at::mv(weight.t(), grad_offset);
+    // dL/dx_hat summed over pixels, with x_hat = (x + b)·a: the ActNorm gradients follow from it.
+    x_hat_grad = wt_grad_offset;
+    x_hat_dot = ((grad_folded * weight).sum(0) + wt_grad_offset * a.bias) * scale;
+    const auto g_v = grad_weight.index_select(0, inverse_permutation(p.perm));  // Pᵀ·dL/dW
+    grad_lower = at::mm(g_v, upper_f.t());
+    grad_upper_full = at::mm(lower_f.t(), g_v);
+  }
+  // x_hat = (x + b)·a  =>  dL/db = a ⊙ Σ dL/dx_hat,  dL/dlogs = Σ dL/dx_hat ⊙ x_hat (+ logdet term).
+  const auto grad_bias = x_hat_grad * scale;
+  const auto grad_logs = x_hat_dot + gld;
+  const auto grad_log_s = grad_upper_full.diagonal() * a.scale() + gld;
+  return {grad_x,
+          grad_bias.to(param_type),
+          grad_logs.to(param_type),
+          grad_lower.tril(-1).to(param_type),
+          grad_upper_full.triu(1).to(param_type),
+          grad_log_s.to(param_type)};
+}
+
+}  // namespace glow_ext

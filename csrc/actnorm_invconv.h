@@ -1,0 +1,85 @@
+// Device-generic algorithm of the fused ActNorm + LU 1x1 convolution ops.
+//
+// Everything that is not a pass over the pixels (validation, the choice between the folded and the
+// factored path, C x C weight algebra, the chain rule to the LU parameters) is written once here
+// with ATen ops; each backend file supplies the per-pixel kernels and registers the ops.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <tuple>
+
+namespace glow_ext {
+
+struct LUParams {
+  const at::Tensor& bias;    // (C,)
+  const at::Tensor& logs;    // (C,)
+  const at::Tensor& perm;    // (C,) int64
+  const at::Tensor& lower;   // (C, C), strict lower part used
+  const at::Tensor& upper;   // (C, C), strict upper part used
+  const at::Tensor& log_s;   // (C,)
+  const at::Tensor& sign_s;  // (C,)
+};
+
+// Folded per-pixel affine map y = weight·x + offset, in the accumulation dtype.
+struct ChannelMap {
+  at::Tensor weight;  // (C, C)
+  at::Tensor offset;  // (C,)
+};
+
+struct Backend {
+  // y[n, :, p] = map.weight · x[n, :, p] + map.offset for an NCHW-contiguous x; y has x's dtype.
+  at::Tensor (*channel_mix)(const at::Tensor& x, const ChannelMap& map);
+  // The forward map for small C, where a direct loop beats a handful of ATen launches.
+  // Returns false to fall back to the generic ATen assembly.
+  bool (*fold_forward_small)(const LUParams& p, at::ScalarType acc_dtype, ChannelMap& out);
+};
+
+// Validates every argument; `op` and `input_name` name the op and its image argument in messages.
+void check_inputs(const char* op, const char* input_name, const at::Tensor& x, const LUParams& p);
+
+at::ScalarType accumulation_dtype(const at::Tensor& x);
+
+std::tuple<at::Tensor, at::Tensor> forward(const Backend& backend, const at::Tensor& x,
+                                           const LUParams& p);
+
+at::Tensor inverse(const Backend& backend, const at::Tensor& y, const LUParams& p);
+
+// Returns (grad_x, grad_bias, grad_logs, grad_lower, grad_upper, grad_log_s).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
+    const Backend& backend, const at::Tensor& grad_y, const at::Tensor& grad_logdet,
+    const at::Tensor& x, const LUParams& p);
+
+// The op signatures declared in ops.cpp, bound to one backend for TORCH_LIBRARY_IMPL.
+template <const Backend& kBackend>
+struct BoundOps {
+  static std::tuple<at::Tensor, at::Tensor> forward_op(
+      const at::Tensor& x, const at::Tensor& bias, const at::Tensor& logs, const at::Tensor& perm,
+      const at::Tensor& lower, const at::Tensor& upper, const at::Tensor& log_s,
+      const at::Tensor& sign_s) {
+    return forward(kBackend, x, {bias, logs, perm, lower, upper, log_s, sign_s});
+  }
+  static at::Tensor inverse_op(const at::Tensor& y, const at::Tensor& bias, const at::Tensor& logs,
+                               const at::Tensor& perm, const at::Tensor& lower,
+                               const at::Tensor& upper, const at::Tensor& log_s,
+                               const at::Tensor& sign_s) {
+    return inverse(kBackend, y, {bias, logs, perm, lower, upper, log_s, sign_s});
+  }
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+  backward_op(const at::Tensor& grad_y, const at::Tensor& grad_logdet, const at::Tensor& x,
+              const at::Tensor& bias, const at::Tensor& logs, const at::Tensor& perm,
+              const at::Tensor& lower, const at::Tensor& upper, const at::Tensor& log_s,
+              const at::Tensor& sign_s) {
+    return backward(kBackend, grad_y, grad_logdet, x,
+                    {bias, logs, perm, lower, upper, log_s, sign_s});
+  }
+};
+
+// Instruction set the CPU channel-mix loop was dispatched to on this machine.
+const char* cpu_kernel_isa();
+
+// True when the per-call O(C^3) weight assembly would cost more than applying the triangular
+// factors to the N·H·W pixels directly (deep Glow levels: large C, few pixels).
+bool use_factored_path(int64_t channels, int64_t pixels);
+
+}  // namespace glow_ext

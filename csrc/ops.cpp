@@ -1,0 +1,43 @@
+// Op schemas (declared once, implemented per backend) and the Python extension module.
+#include <pybind11/pybind11.h>
+#include <torch/library.h>
+
+#include "actnorm_invconv.h"
+
+#ifndef GLOW_EXT_CUDA_ARCHS
+#define GLOW_EXT_CUDA_ARCHS ""
+#endif
+#ifndef GLOW_EXT_TORCH_VERSION
+#define GLOW_EXT_TORCH_VERSION "unknown"
+#endif
+
+TORCH_LIBRARY(glow_ext, m) {
+  m.def(
+      "actnorm_invconv_lu(Tensor x, Tensor bias, Tensor logs, Tensor perm, Tensor lower, "
+      "Tensor upper, Tensor log_s, Tensor sign_s) -> (Tensor y, Tensor logdet)");
+  m.def(
+      "actnorm_invconv_lu_inverse(Tensor y, Tensor bias, Tensor logs, Tensor perm, Tensor lower, "
+      "Tensor upper, Tensor log_s, Tensor sign_s) -> Tensor");
+  m.def(
+      "actnorm_invconv_lu_backward(Tensor grad_y, Tensor grad_logdet, Tensor x, Tensor bias, "
+      "Tensor logs, Tensor perm, Tensor lower, Tensor upper, Tensor log_s, Tensor sign_s) -> "
+      "(Tensor grad_x, Tensor grad_bias, Tensor grad_logs, Tensor grad_lower, Tensor grad_upper, "
+      "Tensor grad_log_s)");
+}
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "glow_ext compiled kernels; the ops themselves live in torch.ops.glow_ext";
+  m.def("build_info", [] {
+    pybind11::dict info;
+    info["cpu_kernels"] = true;
+    info["cpu_isa"] = glow_ext::cpu_kernel_isa();
+#ifdef GLOW_EXT_WITH_CUDA
+    info["cuda_kernels"] = true;
+#else
+    info["cuda_kernels"] = false;
+#endif
+    info["cuda_archs"] = GLOW_EXT_CUDA_ARCHS;
+    info["torch_version"] = GLOW_EXT_TORCH_VERSION;
+    return info;
+  }, "How the extension was built: kernels compiled, CUDA architectures, torch it was built against.");
+}

@@ -1,0 +1,20 @@
+"""glow_ext: fast, exact Glow layers on fused C++/CUDA kernels."""
+from . import nn, ops, reference
+
+__version__ = "0.1.0"
+
+
+def build_info() -> dict:
+    """How the extension was built: CPU kernels loaded, CUDA kernels compiled (archs), torch version."""
+    import torch
+
+    if not ops.kernels_available():
+        return {"cpu_kernels": False, "cuda_kernels": False, "cuda_archs": "",
+                "torch_version": None, "load_error": str(ops.LOAD_ERROR),
+                "runtime_torch_version": torch.__version__}
+    info = dict(ops._C.build_info())
+    info["runtime_torch_version"] = torch.__version__
+    return info
+
+
+__all__ = ["build_info", "nn", "ops", "reference"]

@@ -1,0 +1,130 @@
+"""The fused ActNorm + LU invertible 1x1 convolution ops.
+
+The kernels live in the compiled extension as `torch.ops.glow_ext.*` (CPU, and CUDA when built with
+it); this module registers their fake (meta) kernels and autograd formulas. Without the extension
+every function falls back, with a warning, to `glow_ext.reference`.
+
+Conventions (see README): x is (N, C, H, W); bias, logs, log_s, sign_s are (C,); perm is (C,) int64
+with P[i, j] = 1 iff j == perm[i]; only the strict lower part of `lower` and the strict upper part
+of `upper` are read. W = P·(I + strict_lower(lower))·(strict_upper(upper) + diag(sign_s·exp(log_s))).
+Parameters share one dtype, equal to x's (float32 parameters also serve float16/bfloat16 x on CUDA).
+
+Argument checks raise RuntimeError naming the argument. Two checks would need a host
+synchronisation on CUDA and run on the CPU only: that `perm` is a permutation and that `log_s` is
+finite. On CUDA the layers in `glow_ext.nn` validate `perm` once when they build it.
+"""
+import warnings
+
+import torch
+
+from . import reference
+
+try:
+    from . import _C  # noqa: F401  (loading it registers torch.ops.glow_ext)
+
+    LOAD_ERROR = None
+except ImportError as error:  # pragma: no cover - exercised by the CPU-only/fallback test
+    _C = None
+    LOAD_ERROR = error
+    warnings.warn(
+        f"glow_ext: the compiled kernels could not be loaded ({error}). Every op falls back to the "
+        "pure-PyTorch reference, which is much slower. Rebuild with "
+        "`pip install --no-build-isolation .`",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+__all__ = ["actnorm_invconv_lu", "actnorm_invconv_lu_inverse", "kernels_available"]
+
+
+def kernels_available() -> bool:
+    return _C is not None
+
+
+def actnorm_invconv_lu(x, bias, logs, perm, lower, upper, log_s, sign_s):
+    """(y, logdet): y = W·((x + bias)·exp(logs)) per pixel, logdet = H·W·(Σ logs + Σ log_s), 0-dim."""
+    if _C is None:
+        return reference.actnorm_invconv_lu(x, bias, logs, perm, lower, upper, log_s, sign_s)
+    return torch.ops.glow_ext.actnorm_invconv_lu(x, bias, logs, perm, lower, upper, log_s, sign_s)
+
+
+def actnorm_invconv_lu_inverse(y, bias, logs, perm, lower, upper, log_s, sign_s):
+    """x = (W⁻¹·y)·exp(−logs) − bias, through triangular solves (never a general inverse)."""
+    if _C is None:
+        return reference.actnorm_invconv_lu_inverse(y, bias, logs, perm, lower, upper, log_s, sign_s)
+    return torch.ops.glow_ext.actnorm_invconv_lu_inverse(y, bias, logs, perm, lower, upper, log_s, sign_s)
+
+
+if _C is not None:
+
+    @torch.library.register_fake("glow_ext::actnorm_invconv_lu")
+    def _forward_fake(x, bias, logs, perm, lower, upper, log_s, sign_s):
+        torch._check(x.dim() == 4, lambda: f"x must be 4-D (N, C, H, W), got {tuple(x.shape)}")
+        return torch.empty_like(x, memory_format=torch.contiguous_format), bias.new_empty(())
+
+    @torch.library.register_fake("glow_ext::actnorm_invconv_lu_inverse")
+    def _inverse_fake(y, bias, logs, perm, lower, upper, log_s, sign_s):
+        torch._check(y.dim() == 4, lambda: f"y must be 4-D (N, C, H, W), got {tuple(y.shape)}")
+        return torch.empty_like(y, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("glow_ext::actnorm_invconv_lu_backward")
+    def _backward_fake(grad_y, grad_logdet, x, bias, logs, perm, lower, upper, log_s, sign_s):
+        return (
+            torch.empty_like(x, memory_format=torch.contiguous_format),
+            torch.empty_like(bias),
+            torch.empty_like(logs),
+            torch.empty_like(lower),
+            torch.empty_like(upper),
+            torch.empty_like(log_s),
+        )
+
+    def _forward_setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    def _forward_backward(ctx, grad_y, grad_logdet):
+        x, bias, logs, perm, lower, upper, log_s, sign_s = ctx.saved_tensors
+        if grad_y is None:
+            grad_y = torch.zeros_like(x)
+        if grad_logdet is None:
+            grad_logdet = torch.zeros((), dtype=bias.dtype, device=bias.device)
+        grad_x, grad_bias, grad_logs, grad_lower, grad_upper, grad_log_s = (
+            torch.ops.glow_ext.actnorm_invconv_lu_backward(
+                grad_y, grad_logdet, x, bias, logs, perm, lower, upper, log_s, sign_s))
+        return grad_x, grad_bias, grad_logs, None, grad_lower, grad_upper, grad_log_s, None
+
+    torch.library.register_autograd(
+        "glow_ext::actnorm_invconv_lu", _forward_backward, setup_context=_forward_setup_context)
+
+    def _inverse_setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output, *inputs[1:])
+
+    def _inverse_backward(ctx, grad_x):
+        # x = f⁻¹(y; θ) with f the forward map. Implicit differentiation: dL/dy = J⁻ᵀ·dL/dx with
+        # J = W·diag(exp(logs)) per pixel, and dL/dθ = −(∂f/∂θ)ᵀ·dL/dy at (x, θ), which is the
+        # parameter part of the forward op's backward.
+        x, bias, logs, perm, lower, upper, log_s, sign_s = ctx.saved_tensors
+        acc = reference.accumulation_dtype(x)
+        n, c, h, w = x.shape
+        unit_lower, upper_factor = reference.lu_factors(lower, upper, log_s, sign_s, acc)
+        g = (grad_x.to(acc) * (-logs.to(acc)).exp().view(1, -1, 1, 1)).transpose(0, 1).reshape(c, -1)
+        g = torch.linalg.solve_triangular(upper_factor.T, g, upper=False)  # U'⁻ᵀ
+        g = torch.linalg.solve_triangular(unit_lower.T, g, upper=True, unitriangular=True)  # L⁻ᵀ
+        grad_y = g[perm].view(c, n, h, w).transpose(0, 1).contiguous().to(x.dtype)  # P·(…)
+        _, grad_bias, grad_logs, grad_lower, grad_upper, grad_log_s = (
+            torch.ops.glow_ext.actnorm_invconv_lu_backward(
+                grad_y, torch.zeros((), dtype=bias.dtype, device=bias.device),
+                x, bias, logs, perm, lower, upper, log_s, sign_s))
+        return grad_y, -grad_bias, -grad_logs, None, -grad_lower, -grad_upper, -grad_log_s, None
+
+    torch.library.register_autograd(
+        "glow_ext::actnorm_invconv_lu_inverse", _inverse_backward, setup_context=_inverse_setup_context)
+
+    def _no_double_backward(ctx, *grads):
+        raise RuntimeError(
+            "glow_ext: double backward through actnorm_invconv_lu is not supported (its backward "
+            "op has no derivative). Use glow_ext.reference.actnorm_invconv_lu for higher-order "
+            "gradients.")
+
+    torch.library.register_autograd(
+        "glow_ext::actnorm_invconv_lu_backward", _no_double_backward,
+        setup_context=lambda ctx, inputs, output: None)
