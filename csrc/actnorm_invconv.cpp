@@ -1,8 +1,10 @@
 #include "actnorm_invconv.h"
 
+#include <ATen/Dispatch.h>
 #include <ATen/ops/linalg_solve_triangular.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
 #include <vector>
 
 namespace glow_ext {
@@ -43,8 +45,14 @@ void check_permutation(const char* op, const at::Tensor& perm) {
 
 void check_finite_log_s(const char* op, const at::Tensor& log_s) {
   if (!log_s.is_cpu()) return;  // same reason as the permutation check
-  TORCH_CHECK(at::isfinite(log_s).all().item<bool>(), op,
-              ": `log_s` has non-finite entries; W would be singular or overflow");
+  const auto values = log_s.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "glow_ext_check_log_s", [&] {
+    const scalar_t* v = values.const_data_ptr<scalar_t>();
+    for (int64_t i = 0; i < values.numel(); ++i) {
+      TORCH_CHECK(std::isfinite(v[i]), op, ": `log_s` must be finite, but log_s[", i, "] = ", v[i],
+                  "; W would be singular or overflow");
+    }
+  });
 }
 
 // p's tensors converted to the accumulation dtype (no copy when they already are).
@@ -129,6 +137,18 @@ ChannelMap fold_inverse_generic(const AccParams& a, const at::Tensor& perm) {
 }
 
 at::Tensor logdet_of(const LUParams& p, int64_t pixels_per_image) {
+  if (p.logs.is_cpu()) {
+    // Four tiny ATen launches would cost more than the whole forward pass at small C.
+    const auto logs = p.logs.contiguous(), log_s = p.log_s.contiguous();
+    return AT_DISPATCH_FLOATING_TYPES(logs.scalar_type(), "glow_ext_logdet", [&] {
+      double total = 0;
+      for (int64_t i = 0; i < logs.numel(); ++i) {
+        total += static_cast<double>(logs.const_data_ptr<scalar_t>()[i]) +
+                 static_cast<double>(log_s.const_data_ptr<scalar_t>()[i]);
+      }
+      return at::scalar_tensor(total * static_cast<double>(pixels_per_image), logs.options());
+    });
+  }
   return (p.logs.sum() + p.log_s.sum()) * static_cast<double>(pixels_per_image);
 }
 

@@ -10,9 +10,14 @@
 
 #if defined(__CUDACC__)
 #define GLOW_HD __host__ __device__ __forceinline__
-#define GLOW_UNROLL _Pragma("unroll")
 #else
 #define GLOW_HD inline __attribute__((always_inline))
+#endif
+#if defined(__CUDA_ARCH__)
+#define GLOW_UNROLL _Pragma("unroll")
+#elif defined(__CUDACC__)
+#define GLOW_UNROLL  // host pass of nvcc: neither pragma is understood there
+#else
 #define GLOW_UNROLL _Pragma("GCC unroll 8")
 #endif
 
@@ -24,35 +29,22 @@ namespace math {
 //   U' = strict_upper(upper) + diag(s),  s = sign_s * exp(log_s)
 //   W  = P L U',  (P v)[i] = v[perm[i]]  =>  W[i][j] = sum_{k <= min(perm[i], j)} L[perm[i]][k] U'[k][j]
 
+// W[i][j] in O(min(perm[i], j)) without materialising L or U'. `diag` holds U''s diagonal
+// s = sign_s·exp(log_s), computed once per call rather than once per entry.
 template <typename acc_t, typename param_t>
-GLOW_HD acc_t upper_factor_entry(const param_t* upper, const param_t* log_s, const param_t* sign_s,
-                                 int64_t C, int64_t k, int64_t j) {
-  if (k < j) return static_cast<acc_t>(upper[k * C + j]);
-  if (k == j) return static_cast<acc_t>(sign_s[j]) * exp(static_cast<acc_t>(log_s[j]));
-  return acc_t(0);
-}
-
-// W[i][j] in O(min(perm[i], j)) without materialising L or U'.
-template <typename acc_t, typename param_t>
-GLOW_HD acc_t lu_weight_entry(const param_t* lower, const param_t* upper, const param_t* log_s,
-                              const param_t* sign_s, const int64_t* perm, int64_t C, int64_t i,
-                              int64_t j) {
+GLOW_HD acc_t lu_weight_entry(const param_t* lower, const param_t* upper, const acc_t* diag,
+                              const int64_t* perm, int64_t C, int64_t i, int64_t j) {
   const int64_t r = perm[i];
-  // k == r term: L[r][r] = 1.
-  acc_t w = r <= j ? upper_factor_entry<acc_t>(upper, log_s, sign_s, C, r, j) : acc_t(0);
-  const int64_t k_end = r < j + 1 ? r : j + 1;  // k < r and k <= j
+  // k == r term, L[r][r] = 1.
+  acc_t w = r < j ? static_cast<acc_t>(upper[r * C + j]) : (r == j ? diag[j] : acc_t(0));
+  // k < min(r, j): strict parts of both factors.
+  const int64_t k_end = r < j ? r : j;
   for (int64_t k = 0; k < k_end; ++k) {
-    w += static_cast<acc_t>(lower[r * C + k]) *
-         upper_factor_entry<acc_t>(upper, log_s, sign_s, C, k, j);
+    w += static_cast<acc_t>(lower[r * C + k]) * static_cast<acc_t>(upper[k * C + j]);
   }
+  // k == j < r: U''s diagonal.
+  if (j < r) w += static_cast<acc_t>(lower[r * C + j]) * diag[j];
   return w;
-}
-
-// ActNorm folded into the weight: W·((x + b)·a) = Wf·x + c with Wf[i][j] = W[i][j]·a[j], a = exp(logs),
-// and c[i] = sum_j Wf[i][j]·b[j].
-template <typename acc_t, typename param_t>
-GLOW_HD acc_t folded_weight_entry(const param_t* logs, acc_t w_ij, int64_t j) {
-  return w_ij * exp(static_cast<acc_t>(logs[j]));
 }
 
 // ROWS consecutive output channels at one group of pixels: out[r] = offset[r] + sum_j w[r][j]·x_j,

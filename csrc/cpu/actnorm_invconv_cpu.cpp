@@ -8,6 +8,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cmath>
+#include <vector>
+
 #include "../actnorm_invconv.h"
 #include "../glow_ext_math.h"
 
@@ -156,16 +159,22 @@ bool fold_forward_small_cpu(const LUParams& p, at::ScalarType acc_dtype, Channel
   out.offset = at::empty({C}, bias.options());
   AT_DISPATCH_FLOATING_TYPES(acc_dtype, "glow_ext_fold_forward_cpu", [&] {
     const scalar_t* b = bias.const_data_ptr<scalar_t>();
+    const scalar_t* s_log = log_s.const_data_ptr<scalar_t>();
+    const scalar_t* s_sign = sign_s.const_data_ptr<scalar_t>();
+    const scalar_t* actnorm_logs = logs.const_data_ptr<scalar_t>();
+    std::vector<scalar_t> diag(C), scale(C);
+    for (int64_t j = 0; j < C; ++j) {
+      diag[j] = s_sign[j] * std::exp(s_log[j]);
+      scale[j] = std::exp(actnorm_logs[j]);
+    }
     scalar_t* w = out.weight.mutable_data_ptr<scalar_t>();
     scalar_t* c = out.offset.mutable_data_ptr<scalar_t>();
     for (int64_t i = 0; i < C; ++i) {
       scalar_t c_i = 0;
       for (int64_t j = 0; j < C; ++j) {
-        const scalar_t w_ij = math::lu_weight_entry<scalar_t>(
-            lower.const_data_ptr<scalar_t>(), upper.const_data_ptr<scalar_t>(),
-            log_s.const_data_ptr<scalar_t>(), sign_s.const_data_ptr<scalar_t>(),
-            perm.const_data_ptr<int64_t>(), C, i, j);
-        w[i * C + j] = math::folded_weight_entry<scalar_t>(logs.const_data_ptr<scalar_t>(), w_ij, j);
+        w[i * C + j] = scale[j] * math::lu_weight_entry<scalar_t>(
+                                      lower.const_data_ptr<scalar_t>(), upper.const_data_ptr<scalar_t>(),
+                                      diag.data(), perm.const_data_ptr<int64_t>(), C, i, j);
         c_i += w[i * C + j] * b[j];
       }
       c[i] = c_i;
