@@ -152,6 +152,37 @@ at::Tensor logdet_of(const LUParams& p, int64_t pixels_per_image) {
   return (p.logs.sum() + p.log_s.sum()) * static_cast<double>(pixels_per_image);
 }
 
+// x_hat = (x + b)·a. From Σ dL/dx_hat and Σ dL/dx_hat ⊙ x_hat over the pixels and the full
+// gradients of L and U', the parameter gradients (only the used triangles, in the parameter dtype).
+ParamGrads param_grads(const AccParams& a, at::ScalarType param_type, const at::Tensor& x_hat_grad,
+                       const at::Tensor& x_hat_dot, const at::Tensor& grad_lower_full,
+                       const at::Tensor& grad_upper_full, const at::Tensor& gld) {
+  return {(x_hat_grad * a.logs.exp()).to(param_type),
+          (x_hat_dot + gld).to(param_type),
+          grad_lower_full.tril(-1).to(param_type),
+          grad_upper_full.triu(1).to(param_type),
+          (grad_upper_full.diagonal() * a.scale() + gld).to(param_type)};
+}
+
+// y = Wf·x + c with Wf = W·diag(a), c = W·(a⊙b): from dL/dWf and dL/dc to the LU parameters.
+ParamGrads chain_generic(const AccParams& a, const LUParams& p, const at::Tensor& grad_folded,
+                         const at::Tensor& grad_offset, const at::Tensor& gld) {
+  const auto scale = a.logs.exp();
+  const auto weight = assemble_weight(a, p.perm);
+  const auto grad_weight = grad_folded * scale.unsqueeze(0) + at::outer(grad_offset, scale * a.bias);
+  const auto wt_grad_offset = at::mv(weight.t(), grad_offset);  // Σ dL/dx_hat
+  const auto x_hat_dot = ((grad_folded * weight).sum(0) + wt_grad_offset * a.bias) * scale;
+  const auto g_v = grad_weight.index_select(0, inverse_permutation(p.perm));  // Pᵀ·dL/dW
+  return param_grads(a, p.bias.scalar_type(), wt_grad_offset, x_hat_dot,
+                     at::mm(g_v, a.upper_factor().t()), at::mm(a.unit_lower().t(), g_v), gld);
+}
+
+ChannelMap forward_map(const Backend& backend, const LUParams& p, at::ScalarType acc) {
+  ChannelMap map;
+  if (!backend.fold_forward_small(p, acc, map)) map = fold_forward_generic(AccParams(p, acc), p.perm);
+  return map;
+}
+
 }  // namespace
 
 bool use_factored_path(int64_t channels, int64_t pixels) {
@@ -222,9 +253,7 @@ std::tuple<at::Tensor, at::Tensor> forward(const Backend& backend, const at::Ten
     const auto v = trmm(a.unit_lower(), u, /*upper=*/false);
     return {from_channel_matrix(v.index_select(0, p.perm), x.sizes(), x.scalar_type()), logdet};
   }
-  ChannelMap map;
-  if (!backend.fold_forward_small(p, acc, map)) map = fold_forward_generic(AccParams(p, acc), p.perm);
-  return {backend.channel_mix(x, map), logdet};
+  return {backend.channel_mix(x, forward_map(backend, p, acc)), logdet};
 }
 
 at::Tensor inverse(const Backend& backend, const at::Tensor& y_in, const LUParams& p) {
@@ -261,13 +290,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const auto grad_y = grad_y_in.contiguous();
   const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3), M = N * HW;
   const auto acc = accumulation_dtype(x);
+  const auto gld = grad_logdet.reshape({}).to(acc) * static_cast<double>(HW);
+
+  if (x.numel() != 0 && !use_factored_path(C, M)) {
+    // y = Wf·x + c: one per-pixel pass for dL/dx, one reduction for dL/dWf and dL/dc, then the
+    // chain rule on C x C matrices.
+    const auto map = forward_map(backend, p, acc);
+    auto grad_x = backend.channel_mix(grad_y, {map.weight.t().contiguous(), at::zeros_like(map.offset)});
+    const auto g3 = grad_y.view({N, C, HW}).to(acc);
+    const auto grad_folded = at::bmm(g3, x.view({N, C, HW}).to(acc).transpose(1, 2)).sum(0);
+    const auto grad_offset = g3.sum({0, 2});
+    ParamGrads g;
+    if (!(backend.chain_small && backend.chain_small(p, grad_folded, grad_offset, gld, g))) {
+      g = chain_generic(AccParams(p, acc), p, grad_folded, grad_offset, gld);
+    }
+    return {grad_x, g.bias, g.logs, g.lower, g.upper, g.log_s};
+  }
+
   const auto param_type = p.bias.scalar_type();
   const AccParams a(p, acc);
-  const auto gld = grad_logdet.reshape({}).to(acc) * static_cast<double>(HW);
   const auto scale = a.logs.exp();  // ActNorm's multiplier
-  const auto lower_f = a.unit_lower();
-  const auto upper_f = a.upper_factor();
-
   at::Tensor grad_x, grad_lower, grad_upper_full, x_hat_grad, x_hat_dot;
   if (x.numel() == 0) {
     grad_x = at::empty_like(x);
@@ -275,8 +317,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     grad_upper_full = at::zeros_like(a.upper);
     x_hat_grad = at::zeros_like(a.bias);  // sum over pixels of dL/dx_hat
     x_hat_dot = at::zeros_like(a.bias);   // sum over pixels of dL/dx_hat ⊙ x_hat
-  } else if (use_factored_path(C, M)) {
-    // Recompute the intermediate u = U'·x_hat, then walk the factors backwards.
+  } else {
+    // Factored: recompute the intermediate u = U'·x_hat, then walk the factors backwards.
+    const auto lower_f = a.unit_lower();
+    const auto upper_f = a.upper_factor();
     const auto x_hat = (to_channel_matrix(x, acc) + a.bias.unsqueeze(1)) * scale.unsqueeze(1);
     const auto u = trmm(upper_f, x_hat, /*upper=*/true);
     const auto g_v = to_channel_matrix(grad_y, acc).index_select(0, inverse_permutation(p.perm));
@@ -287,36 +331,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     grad_x = from_channel_matrix(g_x_hat * scale.unsqueeze(1), x.sizes(), x.scalar_type());
     x_hat_grad = g_x_hat.sum(1);
     x_hat_dot = (g_x_hat * x_hat).sum(1);
-  } else {
-    // y = Wf·x + c with Wf = W·diag(a), c = W·(a⊙b): per-pixel passes over grad_y and x, then the
-    // chain rule on C x C matrices.
-    const auto weight = assemble_weight(a, p.perm);
-    const auto folded = weight * scale.unsqueeze(0);
-    grad_x = backend.channel_mix(grad_y, {folded.t().contiguous(), at::zeros_like(a.bias)});
-    const auto g3 = grad_y.view({N, C, HW}).to(acc);
-    const auto x3 = x.view({N, C, HW}).to(acc);
-    const auto grad_folded = at::bmm(g3, x3.transpose(1, 2)).sum(0);  // dL/dWf
-    const auto grad_offset = g3.sum({0, 2});                           // dL/dc
-    const auto grad_weight = grad_folded * scale.unsqueeze(0) +
-                             at::outer(grad_offset, scale * a.bias);  // dL/dW
-    const auto wt_grad_offset = at::mv(weight.t(), grad_offset);
-    // dL/dx_hat summed over pixels, with x_hat = (x + b)·a: the ActNorm gradients follow from it.
-    x_hat_grad = wt_grad_offset;
-    x_hat_dot = ((grad_folded * weight).sum(0) + wt_grad_offset * a.bias) * scale;
-    const auto g_v = grad_weight.index_select(0, inverse_permutation(p.perm));  // Pᵀ·dL/dW
-    grad_lower = at::mm(g_v, upper_f.t());
-    grad_upper_full = at::mm(lower_f.t(), g_v);
   }
-  // x_hat = (x + b)·a  =>  dL/db = a ⊙ Σ dL/dx_hat,  dL/dlogs = Σ dL/dx_hat ⊙ x_hat (+ logdet term).
-  const auto grad_bias = x_hat_grad * scale;
-  const auto grad_logs = x_hat_dot + gld;
-  const auto grad_log_s = grad_upper_full.diagonal() * a.scale() + gld;
-  return {grad_x,
-          grad_bias.to(param_type),
-          grad_logs.to(param_type),
-          grad_lower.tril(-1).to(param_type),
-          grad_upper_full.triu(1).to(param_type),
-          grad_log_s.to(param_type)};
+  const auto g = param_grads(a, param_type, x_hat_grad, x_hat_dot, grad_lower, grad_upper_full, gld);
+  return {grad_x, g.bias, g.logs, g.lower, g.upper, g.log_s};
 }
 
 }  // namespace glow_ext

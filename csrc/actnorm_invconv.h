@@ -27,12 +27,21 @@ struct ChannelMap {
   at::Tensor offset;  // (C,)
 };
 
+// Gradients of the parameters, in their dtype.
+struct ParamGrads {
+  at::Tensor bias, logs, lower, upper, log_s;
+};
+
 struct Backend {
   // y[n, :, p] = map.weight · x[n, :, p] + map.offset for an NCHW-contiguous x; y has x's dtype.
   at::Tensor (*channel_mix)(const at::Tensor& x, const ChannelMap& map);
   // The forward map for small C, where a direct loop beats a handful of ATen launches.
   // Returns false to fall back to the generic ATen assembly.
   bool (*fold_forward_small)(const LUParams& p, at::ScalarType acc_dtype, ChannelMap& out);
+  // Optional: the chain rule from dL/dWf, dL/dc (and the logdet's gradient times H·W) to the LU
+  // parameters for small C. Returns false to fall back to the generic ATen version.
+  bool (*chain_small)(const LUParams& p, const at::Tensor& grad_folded, const at::Tensor& grad_offset,
+                      const at::Tensor& grad_logdet_hw, ParamGrads& out) = nullptr;
 };
 
 // Validates every argument; `op` and `input_name` name the op and its image argument in messages.

@@ -8,6 +8,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -20,16 +21,19 @@ namespace {
 constexpr int64_t kDirectMaxChannels = 32;  // measured crossover against at::baddbmm (bench_ops)
 constexpr int64_t kSmallFoldMaxChannels = 32;
 constexpr int kRows = 4;              // output channels computed per pass over an input tile
-constexpr int64_t kLaneBytes = 64;    // one AVX-512 register, two AVX2 registers
+constexpr int64_t kTileBytes = 128;   // pixels per task and image row: two AVX-512 registers
 constexpr int64_t kMinFlopsPerTask = 1 << 16;
 
-// SIMD lanes of consecutive pixels (GCC vector extensions; an alias template would drop the attribute).
-template <typename scalar_t> struct LaneOf;
-template <> struct LaneOf<float> { typedef float type __attribute__((vector_size(kLaneBytes))); };
-template <> struct LaneOf<double> { typedef double type __attribute__((vector_size(kLaneBytes))); };
-template <typename scalar_t>
-using Lane = typename LaneOf<scalar_t>::type;
-static_assert(sizeof(Lane<float>) == kLaneBytes && sizeof(Lane<double>) == kLaneBytes);
+// SIMD lanes of consecutive pixels (GCC vector extensions; an alias template would drop the
+// attribute). Each instruction set uses lanes of two of its registers, so that kRows x 2
+// independent FMA chains hide the FMA latency.
+template <typename scalar_t, int kBytes>
+struct LaneOf {
+  typedef scalar_t type __attribute__((vector_size(kBytes)));
+};
+template <typename scalar_t, int kBytes>
+using Lane = typename LaneOf<scalar_t, kBytes>::type;
+static_assert(sizeof(Lane<float, 128>) == 128 && sizeof(Lane<double, 32>) == 32);
 
 template <typename lane_t, typename scalar_t>
 struct StridedLoad {
@@ -70,32 +74,37 @@ GLOW_HD void mix_pixels(const MixArgs<scalar_t>& a, const scalar_t* x, scalar_t*
   }
 }
 
-template <typename scalar_t>
+// Tiles [begin, end) of kTileBytes of pixels, in lanes of kLaneBytes; the ragged end of an image
+// in half lanes, then single pixels.
+template <typename scalar_t, int kLaneBytes>
 GLOW_HD void mix_tiles(const MixArgs<scalar_t>& a, int64_t begin, int64_t end) {
-  constexpr int64_t lanes = kLaneBytes / sizeof(scalar_t);
+  constexpr int64_t tile = kTileBytes / sizeof(scalar_t);
+  constexpr int64_t lane = kLaneBytes / sizeof(scalar_t);
   for (int64_t t = begin; t < end; ++t) {
     const int64_t n = t / a.tiles_per_image;
-    const int64_t p0 = (t % a.tiles_per_image) * lanes;
-    const int64_t image = n * a.channels * a.pixels;
-    if (p0 + lanes <= a.pixels) {
-      mix_pixels<Lane<scalar_t>>(a, a.x + image + p0, a.y + image + p0);
-    } else {
-      for (int64_t p = p0; p < a.pixels; ++p) mix_pixels<scalar_t>(a, a.x + image + p, a.y + image + p);
+    int64_t p = (t % a.tiles_per_image) * tile;
+    const int64_t p_end = std::min(p + tile, a.pixels);
+    const scalar_t* x = a.x + n * a.channels * a.pixels;
+    scalar_t* y = a.y + n * a.channels * a.pixels;
+    for (; p + lane <= p_end; p += lane) mix_pixels<Lane<scalar_t, kLaneBytes>>(a, x + p, y + p);
+    for (; p + lane / 2 <= p_end; p += lane / 2) {
+      mix_pixels<Lane<scalar_t, kLaneBytes / 2>>(a, x + p, y + p);
     }
+    for (; p < p_end; ++p) mix_pixels<scalar_t>(a, x + p, y + p);
   }
 }
 
 // One copy of the loop per instruction set; the always-inline math above is compiled into each.
-#define GLOW_EXT_MIX_VARIANT(NAME, TARGET)                                                  \
+#define GLOW_EXT_MIX_VARIANT(NAME, TARGET, LANE_BYTES)                                      \
   template <typename scalar_t>                                                              \
   TARGET void NAME(const MixArgs<scalar_t>& a, int64_t begin, int64_t end) {                \
-    mix_tiles(a, begin, end);                                                               \
+    mix_tiles<scalar_t, LANE_BYTES>(a, begin, end);                                         \
   }
 #if defined(__x86_64__)
-GLOW_EXT_MIX_VARIANT(mix_tiles_avx512, __attribute__((target("avx512f,avx2,fma"))))
-GLOW_EXT_MIX_VARIANT(mix_tiles_avx2, __attribute__((target("avx2,fma"))))
+GLOW_EXT_MIX_VARIANT(mix_tiles_avx512, __attribute__((target("avx512f,avx2,fma"))), 128)
+GLOW_EXT_MIX_VARIANT(mix_tiles_avx2, __attribute__((target("avx2,fma"))), 64)
 #endif
-GLOW_EXT_MIX_VARIANT(mix_tiles_baseline, )
+GLOW_EXT_MIX_VARIANT(mix_tiles_baseline, , 32)
 #undef GLOW_EXT_MIX_VARIANT
 
 enum class Isa { kAvx512, kAvx2, kBaseline };
@@ -113,7 +122,7 @@ const Isa kIsa = detect_isa();
 
 template <typename scalar_t>
 void mix_direct(const MixArgs<scalar_t>& a, int64_t tasks) {
-  const int64_t flops_per_tile = 2 * a.channels * a.channels * (kLaneBytes / sizeof(scalar_t));
+  const int64_t flops_per_tile = 2 * a.channels * a.channels * (kTileBytes / sizeof(scalar_t));
   const int64_t grain = std::max<int64_t>(1, kMinFlopsPerTask / std::max<int64_t>(flops_per_tile, 1));
   at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
     switch (kIsa) {
@@ -137,8 +146,8 @@ at::Tensor channel_mix_cpu(const at::Tensor& x, const ChannelMap& map) {
   }
   auto y = at::empty_like(x, at::MemoryFormat::Contiguous);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "glow_ext_channel_mix_cpu", [&] {
-    const int64_t lanes = kLaneBytes / sizeof(scalar_t);
-    const int64_t tiles = (HW + lanes - 1) / lanes;
+    const int64_t tile = kTileBytes / sizeof(scalar_t);
+    const int64_t tiles = (HW + tile - 1) / tile;
     const MixArgs<scalar_t> args{x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(),
                                  weight.const_data_ptr<scalar_t>(), offset.const_data_ptr<scalar_t>(),
                                  C, HW, tiles};
@@ -183,7 +192,76 @@ bool fold_forward_small_cpu(const LUParams& p, at::ScalarType acc_dtype, Channel
   return true;
 }
 
-const Backend kCpuBackend{channel_mix_cpu, fold_forward_small_cpu};
+// The chain rule of chain_generic (actnorm_invconv.cpp) as plain loops: at small C its ~25 ATen
+// launches cost far more than the arithmetic.
+bool chain_small_cpu(const LUParams& p, const at::Tensor& grad_folded, const at::Tensor& grad_offset,
+                     const at::Tensor& grad_logdet_hw, ParamGrads& out) {
+  const int64_t C = p.bias.size(0);
+  if (C > kSmallFoldMaxChannels || p.bias.scalar_type() != grad_folded.scalar_type()) return false;
+  const auto bias = p.bias.contiguous(), logs = p.logs.contiguous(), perm = p.perm.contiguous();
+  const auto lower = p.lower.contiguous(), upper = p.upper.contiguous();
+  const auto log_s = p.log_s.contiguous(), sign_s = p.sign_s.contiguous();
+  const auto g_folded = grad_folded.contiguous(), g_offset = grad_offset.contiguous();
+  out = {at::empty({C}, bias.options()), at::empty({C}, bias.options()),
+         at::zeros({C, C}, bias.options()), at::zeros({C, C}, bias.options()),
+         at::empty({C}, bias.options())};
+  AT_DISPATCH_FLOATING_TYPES(bias.scalar_type(), "glow_ext_chain_cpu", [&] {
+    const scalar_t* b = bias.const_data_ptr<scalar_t>();
+    const scalar_t* lo = lower.const_data_ptr<scalar_t>();
+    const scalar_t* up = upper.const_data_ptr<scalar_t>();
+    const int64_t* pm = perm.const_data_ptr<int64_t>();
+    const scalar_t* gwf = g_folded.const_data_ptr<scalar_t>();
+    const scalar_t* gc = g_offset.const_data_ptr<scalar_t>();
+    const scalar_t gld = grad_logdet_hw.item<scalar_t>();
+    std::vector<scalar_t> diag(C), scale(C), wt_gc(C, 0), grad_v(C * C);
+    for (int64_t j = 0; j < C; ++j) {
+      diag[j] = sign_s.const_data_ptr<scalar_t>()[j] * std::exp(log_s.const_data_ptr<scalar_t>()[j]);
+      scale[j] = std::exp(logs.const_data_ptr<scalar_t>()[j]);
+    }
+    // ActNorm: Σ dL/dx_hat = Wᵀ·dL/dc, Σ dL/dx_hat ⊙ x_hat = a ⊙ (Σ_i dL/dWf ⊙ W + b ⊙ Wᵀ·dL/dc).
+    std::vector<scalar_t> wf_dot(C, 0);
+    for (int64_t i = 0; i < C; ++i) {
+      for (int64_t j = 0; j < C; ++j) {
+        const scalar_t w_ij = math::lu_weight_entry<scalar_t>(lo, up, diag.data(), pm, C, i, j);
+        wt_gc[j] += w_ij * gc[i];
+        wf_dot[j] += gwf[i * C + j] * w_ij;
+        // dL/dW = dL/dWf·diag(a) + dL/dc ⊗ (a⊙b), stored as Pᵀ·dL/dW (row i goes to perm[i]).
+        grad_v[pm[i] * C + j] = (gwf[i * C + j] + gc[i] * b[j]) * scale[j];
+      }
+    }
+    scalar_t* g_bias = out.bias.mutable_data_ptr<scalar_t>();
+    scalar_t* g_logs = out.logs.mutable_data_ptr<scalar_t>();
+    for (int64_t j = 0; j < C; ++j) {
+      g_bias[j] = scale[j] * wt_gc[j];
+      g_logs[j] = scale[j] * (wf_dot[j] + wt_gc[j] * b[j]) + gld;
+    }
+    // dL/dL = (Pᵀ dL/dW)·U'ᵀ below the diagonal; dL/dU' = Lᵀ·(Pᵀ dL/dW) on and above it.
+    scalar_t* g_lower = out.lower.mutable_data_ptr<scalar_t>();
+    scalar_t* g_upper = out.upper.mutable_data_ptr<scalar_t>();
+    scalar_t* g_log_s = out.log_s.mutable_data_ptr<scalar_t>();
+    for (int64_t r = 0; r < C; ++r) {
+      for (int64_t k = 0; k < r; ++k) {
+        scalar_t acc = grad_v[r * C + k] * diag[k];
+        for (int64_t j = k + 1; j < C; ++j) acc += grad_v[r * C + j] * up[k * C + j];
+        g_lower[r * C + k] = acc;
+      }
+    }
+    for (int64_t k = 0; k < C; ++k) {
+      for (int64_t j = k; j < C; ++j) {
+        scalar_t acc = grad_v[k * C + j];
+        for (int64_t r = k + 1; r < C; ++r) acc += lo[r * C + k] * grad_v[r * C + j];
+        if (j == k) {
+          g_log_s[k] = acc * diag[k] + gld;
+        } else {
+          g_upper[k * C + j] = acc;
+        }
+      }
+    }
+  });
+  return true;
+}
+
+const Backend kCpuBackend{channel_mix_cpu, fold_forward_small_cpu, chain_small_cpu};
 
 }  // namespace
 
