@@ -177,10 +177,22 @@ ParamGrads chain_generic(const AccParams& a, const LUParams& p, const at::Tensor
                      at::mm(g_v, a.upper_factor().t()), at::mm(a.unit_lower().t(), g_v), gld);
 }
 
-ChannelMap forward_map(const Backend& backend, const LUParams& p, at::ScalarType acc) {
+// The C x C algebra of the folded path (assembly, triangular inverses, chain rule) runs in float64
+// for float32 input: the LU factors of a rotation are far worse conditioned than W itself (cond
+// ~500 at C = 257 against ~10), and O(C^3) in double is cheap next to the O(C^2·N·H·W) pixel pass.
+at::ScalarType algebra_dtype(const at::Tensor& x) {
+  return is_reduced_float(x.scalar_type()) ? at::kFloat : at::kDouble;
+}
+
+ChannelMap cast(const ChannelMap& map, at::ScalarType dtype) {
+  return {map.weight.to(dtype), map.offset.to(dtype)};
+}
+
+ChannelMap forward_map(const Backend& backend, const LUParams& p, const at::Tensor& x) {
+  const auto acc = accumulation_dtype(x);
   ChannelMap map;
-  if (!backend.fold_forward_small(p, acc, map)) map = fold_forward_generic(AccParams(p, acc), p.perm);
-  return map;
+  if (backend.fold_forward_small(p, acc, map)) return map;
+  return cast(fold_forward_generic(AccParams(p, algebra_dtype(x)), p.perm), acc);
 }
 
 }  // namespace
@@ -253,7 +265,7 @@ std::tuple<at::Tensor, at::Tensor> forward(const Backend& backend, const at::Ten
     const auto v = trmm(a.unit_lower(), u, /*upper=*/false);
     return {from_channel_matrix(v.index_select(0, p.perm), x.sizes(), x.scalar_type()), logdet};
   }
-  return {backend.channel_mix(x, forward_map(backend, p, acc)), logdet};
+  return {backend.channel_mix(x, forward_map(backend, p, x)), logdet};
 }
 
 at::Tensor inverse(const Backend& backend, const at::Tensor& y_in, const LUParams& p) {
@@ -262,8 +274,8 @@ at::Tensor inverse(const Backend& backend, const at::Tensor& y_in, const LUParam
   if (y.numel() == 0) return at::empty_like(y);
   const int64_t C = y.size(1), M = y.size(0) * y.size(2) * y.size(3);
   const auto acc = accumulation_dtype(y);
-  const AccParams a(p, acc);
   if (use_factored_path(C, M)) {
+    const AccParams a(p, acc);
     auto v = to_channel_matrix(y, acc).index_select(0, inverse_permutation(p.perm));
     v = at::linalg_solve_triangular(a.unit_lower(), v, /*upper=*/false, /*left=*/true,
                                     /*unitriangular=*/true);
@@ -271,7 +283,7 @@ at::Tensor inverse(const Backend& backend, const at::Tensor& y_in, const LUParam
     const auto x = v * (-a.logs).exp().unsqueeze(1) - a.bias.unsqueeze(1);
     return from_channel_matrix(x, y.sizes(), y.scalar_type());
   }
-  return backend.channel_mix(y, fold_inverse_generic(a, p.perm));
+  return backend.channel_mix(y, cast(fold_inverse_generic(AccParams(p, algebra_dtype(y)), p.perm), acc));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
@@ -295,14 +307,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   if (x.numel() != 0 && !use_factored_path(C, M)) {
     // y = Wf·x + c: one per-pixel pass for dL/dx, one reduction for dL/dWf and dL/dc, then the
     // chain rule on C x C matrices.
-    const auto map = forward_map(backend, p, acc);
+    const auto map = forward_map(backend, p, x);
     auto grad_x = backend.channel_mix(grad_y, {map.weight.t().contiguous(), at::zeros_like(map.offset)});
     const auto g3 = grad_y.view({N, C, HW}).to(acc);
     const auto grad_folded = at::bmm(g3, x.view({N, C, HW}).to(acc).transpose(1, 2)).sum(0);
     const auto grad_offset = g3.sum({0, 2});
     ParamGrads g;
     if (!(backend.chain_small && backend.chain_small(p, grad_folded, grad_offset, gld, g))) {
-      g = chain_generic(AccParams(p, acc), p, grad_folded, grad_offset, gld);
+      const auto algebra = algebra_dtype(x);
+      g = chain_generic(AccParams(p, algebra), p, grad_folded.to(algebra), grad_offset.to(algebra),
+                        gld.to(algebra));
     }
     return {grad_x, g.bias, g.logs, g.lower, g.upper, g.log_s};
   }

@@ -55,20 +55,34 @@ def actnorm_invconv_lu_inverse(y, bias, logs, perm, lower, upper, log_s, sign_s)
     return torch.ops.glow_ext.actnorm_invconv_lu_inverse(y, bias, logs, perm, lower, upper, log_s, sign_s)
 
 
+_PARAM_NAMES = ("bias", "logs", "perm", "lower", "upper", "log_s", "sign_s")
+
+
+def _check_fake_args(op, input_name, x, params):
+    """The shape and device checks of the compiled kernels, for meta tensors and tracing."""
+    torch._check(x.dim() == 4, lambda: f"{op}: `{input_name}` must be 4-D (N, C, H, W), got {tuple(x.shape)}")
+    for name, tensor in zip(_PARAM_NAMES, params):
+        if tensor.device != x.device:
+            raise RuntimeError(f"{op}: `{name}` is on {tensor.device} but `{input_name}` is on "
+                               f"{x.device}; all arguments must be on one device")
+
+
 if _C is not None:
 
     @torch.library.register_fake("glow_ext::actnorm_invconv_lu")
-    def _forward_fake(x, bias, logs, perm, lower, upper, log_s, sign_s):
-        torch._check(x.dim() == 4, lambda: f"x must be 4-D (N, C, H, W), got {tuple(x.shape)}")
-        return torch.empty_like(x, memory_format=torch.contiguous_format), bias.new_empty(())
+    def _forward_fake(x, *params):
+        _check_fake_args("glow_ext::actnorm_invconv_lu", "x", x, params)
+        return torch.empty_like(x, memory_format=torch.contiguous_format), params[0].new_empty(())
 
     @torch.library.register_fake("glow_ext::actnorm_invconv_lu_inverse")
-    def _inverse_fake(y, bias, logs, perm, lower, upper, log_s, sign_s):
-        torch._check(y.dim() == 4, lambda: f"y must be 4-D (N, C, H, W), got {tuple(y.shape)}")
+    def _inverse_fake(y, *params):
+        _check_fake_args("glow_ext::actnorm_invconv_lu_inverse", "y", y, params)
         return torch.empty_like(y, memory_format=torch.contiguous_format)
 
     @torch.library.register_fake("glow_ext::actnorm_invconv_lu_backward")
     def _backward_fake(grad_y, grad_logdet, x, bias, logs, perm, lower, upper, log_s, sign_s):
+        _check_fake_args("glow_ext::actnorm_invconv_lu_backward", "x", x,
+                         (bias, logs, perm, lower, upper, log_s, sign_s))
         return (
             torch.empty_like(x, memory_format=torch.contiguous_format),
             torch.empty_like(bias),
