@@ -90,11 +90,14 @@ def main():
         archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "visible GPU")
         defines += ["-DGLOW_EXT_WITH_CUDA", f'-DGLOW_EXT_CUDA_ARCHS="{archs}"']
 
-    cxx_flags = ["-O3", "-ffp-contract=fast", "-Wno-psabi"] + defines
+    # -fopenmp: at::parallel_for is an inline `omp parallel`, serial unless the extension itself
+    # is compiled with OpenMP (it then shares torch's libgomp).
+    cxx_flags = ["-O3", "-fopenmp", "-ffp-contract=fast", "-Wno-psabi"] + defines
     extension_args = dict(
         name="glow_ext._C",
         sources=sources,
         extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"] + defines},
+        extra_link_args=["-fopenmp"],
     )
     extension = (cpp_extension.CUDAExtension if with_cuda else cpp_extension.CppExtension)(
         **extension_args)

@@ -31,8 +31,9 @@ DTYPES = [torch.float32, torch.float64]
 REDUCED_DTYPES = [torch.float16, torch.bfloat16]
 
 # (N, C, H, W) covering C ∈ {1, 2, 3, 5, 12, 96, 257}, H, W ∈ {1, 3, 7, 32}, N ∈ {1, 3, 64} and every
-# code path. CPU: C ≤ 32 direct SIMD loop, C > 32 folded GEMM; C > 192 with N·H·W < C factored
-# (triangular factors applied directly). CUDA: C ≤ 64 direct kernel, then cuBLAS.
+# code path. CPU: C ≤ 512 direct SIMD loop (weight folded by a scalar loop for C ≤ 32, by ATen ops
+# above), C > 512 folded GEMM; C > 192 with N·H·W < C factored (triangular factors applied
+# directly). CUDA: C ≤ 64 direct kernel, then cuBLAS.
 SHAPES = [
     pytest.param((1, 1, 1, 1), id="C1-direct"),
     pytest.param((3, 2, 7, 3), id="C2-direct"),
@@ -40,19 +41,20 @@ SHAPES = [
     pytest.param((1, 5, 32, 32), id="C5-direct-32x32"),
     pytest.param((3, 12, 7, 7), id="C12-direct-ragged"),
     pytest.param((2, 32, 3, 7), id="C32-direct-largest"),
-    pytest.param((2, 33, 3, 3), id="C33-gemm-smallest"),
-    pytest.param((1, 65, 7, 3), id="C65-gemm"),
-    pytest.param((3, 96, 3, 7), id="C96-gemm"),
+    pytest.param((2, 33, 3, 3), id="C33-direct-generic-fold"),
+    pytest.param((1, 65, 7, 3), id="C65-direct"),
+    pytest.param((3, 96, 3, 7), id="C96-direct"),
     pytest.param((2, 193, 8, 12), id="C193-factored-M192"),
     pytest.param((1, 257, 1, 1), id="C257-factored-M1"),
     pytest.param((3, 257, 3, 7), id="C257-factored-M63"),
     pytest.param((64, 257, 3, 3), id="C257-folded-M576"),
     pytest.param((1, 385, 2, 2), id="C385-factored-recursive"),
+    pytest.param((1, 520, 24, 24), id="C520-gemm-M576"),
 ]
 # A cheaper subset for the gradient and layout tests.
 SMALL_SHAPES = [
     pytest.param((3, 5, 7, 3), id="C5-direct"),
-    pytest.param((2, 40, 3, 3), id="C40-gemm"),
+    pytest.param((2, 40, 3, 3), id="C40-direct-generic-fold"),
     pytest.param((3, 257, 3, 7), id="C257-factored"),
     pytest.param((64, 257, 3, 3), id="C257-folded"),
 ]
@@ -61,9 +63,10 @@ SMALL_SHAPES = [
 # The CPU code path each of SHAPES is meant to take.
 CPU_PATHS = {
     (1, 1, 1, 1): "direct", (3, 2, 7, 3): "direct", (64, 3, 3, 1): "direct", (1, 5, 32, 32): "direct",
-    (3, 12, 7, 7): "direct", (2, 32, 3, 7): "direct", (2, 33, 3, 3): "gemm", (1, 65, 7, 3): "gemm",
-    (3, 96, 3, 7): "gemm", (2, 193, 8, 12): "factored", (1, 257, 1, 1): "factored",
-    (3, 257, 3, 7): "factored", (64, 257, 3, 3): "gemm", (1, 385, 2, 2): "factored",
+    (3, 12, 7, 7): "direct", (2, 32, 3, 7): "direct", (2, 33, 3, 3): "direct", (1, 65, 7, 3): "direct",
+    (3, 96, 3, 7): "direct", (2, 193, 8, 12): "factored", (1, 257, 1, 1): "factored",
+    (3, 257, 3, 7): "factored", (64, 257, 3, 3): "direct", (1, 385, 2, 2): "factored",
+    (1, 520, 24, 24): "gemm",
 }
 
 
@@ -89,7 +92,7 @@ def _observed_cpu_path(fn, x, params):
 
 @pytest.mark.parametrize("shape", SHAPES)
 def test_shapes_cover_every_cpu_path(shape):
-    """Guards the coverage of SHAPES against changes of the thresholds (32 channels for the direct
+    """Guards the coverage of SHAPES against changes of the thresholds (512 channels for the direct
     loop; C > 192 and N·H·W < C for the factored path)."""
     x, params = _setup(shape, torch.float32, "cpu")
     expected = CPU_PATHS[shape]
@@ -208,7 +211,7 @@ def test_round_trip(shape, dtype, device):
     [
         pytest.param((64, 3, 3, 3), "rotation", id="C3-direct"),
         pytest.param((3, 12, 32, 32), "rotation", id="C12-direct"),
-        pytest.param((3, 96, 7, 7), "rotation", id="C96-gemm"),
+        pytest.param((3, 96, 7, 7), "rotation", id="C96-direct"),
         # Past C ≈ 192 the LU factors of a rotation are too ill-conditioned for 1e-5 in fp32 (see
         # roundtrip_tol); with well-conditioned factors the op must meet it on every path.
         pytest.param((2, 200, 3, 3), "near_identity", id="C200-factored"),
@@ -439,7 +442,7 @@ def _gradcheck_inputs(shape, device, seed=6):
     "shape, fast_mode",
     [
         pytest.param((2, 3, 2, 2), False, id="C3-direct-full"),
-        pytest.param((1, 40, 2, 2), True, id="C40-gemm-fast"),
+        pytest.param((1, 40, 2, 2), True, id="C40-generic-fold-fast"),
         # Factored path (C > 192, N·H·W < C): 80k parameter entries, so only fast mode (random
         # directional derivatives) is affordable; the full gradients are compared against the
         # reference in test_forward_gradients_match_reference.
@@ -456,7 +459,7 @@ def test_gradcheck_forward(shape, fast_mode, device):
     "shape, fast_mode",
     [
         pytest.param((2, 3, 2, 2), False, id="C3-direct-full"),
-        pytest.param((1, 40, 2, 2), True, id="C40-gemm-fast"),
+        pytest.param((1, 40, 2, 2), True, id="C40-generic-fold-fast"),
         pytest.param((1, 200, 2, 3), True, id="C200-factored-fast"),
     ],
 )
@@ -520,7 +523,7 @@ def test_logdet_matches_brute_force_jacobian(device):
 
 OPCHECK_SHAPES = [
     pytest.param((2, 5, 3, 3), id="C5-direct"),
-    pytest.param((2, 40, 2, 3), id="C40-gemm"),
+    pytest.param((2, 40, 2, 3), id="C40-generic-fold"),
     pytest.param((1, 257, 1, 2), id="C257-factored"),
 ]
 

@@ -18,9 +18,9 @@
 namespace glow_ext {
 namespace {
 
-constexpr int64_t kDirectMaxChannels = 32;  // measured crossover against at::baddbmm (bench_ops)
+constexpr int64_t kDirectMaxChannels = 512;  // measured crossover against at::baddbmm (bench_ops)
 constexpr int64_t kSmallFoldMaxChannels = 32;
-constexpr int kRows = 4;              // output channels computed per pass over an input tile
+constexpr int kRows = 8;              // output channels computed per pass over an input tile
 constexpr int64_t kTileBytes = 128;   // pixels per task and image row: two AVX-512 registers
 constexpr int64_t kMinFlopsPerTask = 1 << 16;
 
@@ -101,10 +101,10 @@ GLOW_HD void mix_tiles(const MixArgs<scalar_t>& a, int64_t begin, int64_t end) {
     mix_tiles<scalar_t, LANE_BYTES>(a, begin, end);                                         \
   }
 #if defined(__x86_64__)
-GLOW_EXT_MIX_VARIANT(mix_tiles_avx512, __attribute__((target("avx512f,avx2,fma"))), 128)
-GLOW_EXT_MIX_VARIANT(mix_tiles_avx2, __attribute__((target("avx2,fma"))), 64)
+GLOW_EXT_MIX_VARIANT(mix_tiles_avx512, __attribute__((target("avx512f,avx2,fma"))), 64)
+GLOW_EXT_MIX_VARIANT(mix_tiles_avx2, __attribute__((target("avx2,fma"))), 32)
 #endif
-GLOW_EXT_MIX_VARIANT(mix_tiles_baseline, , 32)
+GLOW_EXT_MIX_VARIANT(mix_tiles_baseline, , 16)
 #undef GLOW_EXT_MIX_VARIANT
 
 enum class Isa { kAvx512, kAvx2, kBaseline };
