@@ -309,9 +309,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     // chain rule on C x C matrices.
     const auto map = forward_map(backend, p, x);
     auto grad_x = backend.channel_mix(grad_y, {map.weight.t().contiguous(), at::zeros_like(map.offset)});
-    const auto g3 = grad_y.view({N, C, HW}).to(acc);
-    const auto grad_folded = at::bmm(g3, x.view({N, C, HW}).to(acc).transpose(1, 2)).sum(0);
-    const auto grad_offset = g3.sum({0, 2});
+    at::Tensor grad_folded, grad_offset;
+    if (!(backend.weight_gradient && backend.weight_gradient(grad_y, x, grad_folded, grad_offset))) {
+      const auto g3 = grad_y.view({N, C, HW}).to(acc);
+      grad_folded = at::bmm(g3, x.view({N, C, HW}).to(acc).transpose(1, 2)).sum(0);
+      grad_offset = g3.sum({0, 2});
+    }
     ParamGrads g;
     if (!(backend.chain_small && backend.chain_small(p, grad_folded, grad_offset, gld, g))) {
       const auto algebra = algebra_dtype(x);

@@ -42,6 +42,10 @@ struct Backend {
   // parameters for small C. Returns false to fall back to the generic ATen version.
   bool (*chain_small)(const LUParams& p, const at::Tensor& grad_folded, const at::Tensor& grad_offset,
                       const at::Tensor& grad_logdet_hw, ParamGrads& out) = nullptr;
+  // Optional: grad_folded = Σ_pixels grad_y·xᵀ (C, C) and grad_offset = Σ_pixels grad_y (C,) in the
+  // accumulation dtype, for NCHW-contiguous inputs. Returns false to use a batched GEMM instead.
+  bool (*weight_gradient)(const at::Tensor& grad_y, const at::Tensor& x, at::Tensor& grad_folded,
+                          at::Tensor& grad_offset) = nullptr;
 };
 
 // Validates every argument; `op` and `input_name` name the op and its image argument in messages.

@@ -52,6 +52,10 @@ QUICK_SHAPES = ((64, 12, 16, 16), (16, 512, 4, 4))
 CUDA_BANDWIDTH_SHAPE = (128, 48, 64, 64)
 
 MODES = ("forward", "fwd+bwd", "inverse")
+# glibc returns freed blocks above these sizes to the OS, so every fresh output of a few hundred KB
+# page-faults again; whether that happens depends on the process's allocation history, which makes
+# CPU timings of every method bimodal between runs. scripts/main.sh raises both.
+MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
 BASELINES = ("naive", "lu_layer", "folded")
 METHODS_BY_MODE = {
     "forward": ("ours",) + BASELINES + ("clone",),
@@ -501,6 +505,7 @@ def machine_info(device):
         "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "torch_num_threads": torch.get_num_threads(),
         "hostname": platform.node(),
+        "malloc_env": {name: os.environ.get(name) for name in MALLOC_ENV},
     }
     if torch.device(device).type == "cuda":
         props = torch.cuda.get_device_properties(0)
@@ -592,6 +597,10 @@ def run(args, stream=sys.stdout):
     if device == "cuda" and not info.get("cuda_kernels"):
         raise SystemExit(f"bench-ops: glow_ext was built without CUDA kernels (build_info: {info})")
 
+    if device == "cpu" and not all(os.environ.get(name) for name in MALLOC_ENV):
+        print("bench-ops: note: " + " and ".join(MALLOC_ENV) + " are not set, so fresh allocations "
+              "may page-fault and CPU timings of every method vary between runs (scripts/main.sh "
+              "sets them)", file=stream)
     shapes = list(args.shapes or (QUICK_SHAPES if args.quick else SHAPES))
     reps = args.reps or (5 if args.quick else 15)
     min_time_s = (args.min_time_ms or (2.0 if args.quick else 5.0)) / 1e3

@@ -4,4 +4,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup_env.sh
+# Keep freed buffers in the heap instead of returning them to the OS: otherwise whether each fresh
+# output page-faults depends on the process's allocation history and timings turn bimodal.
+export MALLOC_MMAP_THRESHOLD_=268435456 MALLOC_TRIM_THRESHOLD_=536870912
 .venv/bin/python -m glow_ext bench-ops "$@"

@@ -39,6 +39,8 @@ SHAPES = [
     pytest.param((3, 2, 7, 3), id="C2-direct"),
     pytest.param((64, 3, 3, 1), id="C3-direct-N64"),
     pytest.param((1, 5, 32, 32), id="C5-direct-32x32"),
+    # H·W above the CPU weight-gradient kernel's 4096-pixel chunks, C off its 4x4 register blocks.
+    pytest.param((1, 6, 96, 97), id="C6-direct-3-pixel-chunks"),
     pytest.param((3, 12, 7, 7), id="C12-direct-ragged"),
     pytest.param((2, 32, 3, 7), id="C32-direct-largest"),
     pytest.param((2, 33, 3, 3), id="C33-direct-generic-fold"),
@@ -62,7 +64,7 @@ SMALL_SHAPES = [
 
 # The CPU code path each of SHAPES is meant to take.
 CPU_PATHS = {
-    (1, 1, 1, 1): "direct", (3, 2, 7, 3): "direct", (64, 3, 3, 1): "direct", (1, 5, 32, 32): "direct",
+    (1, 1, 1, 1): "direct", (3, 2, 7, 3): "direct", (64, 3, 3, 1): "direct", (1, 5, 32, 32): "direct", (1, 6, 96, 97): "direct",
     (3, 12, 7, 7): "direct", (2, 32, 3, 7): "direct", (2, 33, 3, 3): "direct", (1, 65, 7, 3): "direct",
     (3, 96, 3, 7): "direct", (2, 193, 8, 12): "factored", (1, 257, 1, 1): "factored",
     (3, 257, 3, 7): "factored", (64, 257, 3, 3): "direct", (1, 385, 2, 2): "factored",

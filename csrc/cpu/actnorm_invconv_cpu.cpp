@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <mutex>
 #include <vector>
 
 #include "../actnorm_invconv.h"
@@ -19,10 +20,12 @@ namespace glow_ext {
 namespace {
 
 constexpr int64_t kDirectMaxChannels = 512;  // measured crossover against at::baddbmm (bench_ops)
-constexpr int64_t kSmallFoldMaxChannels = 32;
+constexpr int64_t kSmallFoldMaxChannels = 32;   // the per-entry fold loop is O(C^3) scalar
+constexpr int64_t kSmallChainMaxChannels = 64;
 constexpr int kRows = 8;              // output channels computed per pass over an input tile
 constexpr int64_t kTileBytes = 128;   // pixels per task and image row: two AVX-512 registers
 constexpr int64_t kMinFlopsPerTask = 1 << 16;
+constexpr int64_t kOuterGroupBytes = 192 << 10;  // grad_y and x of a task group, kept in L2
 
 // SIMD lanes of consecutive pixels (GCC vector extensions; an alias template would drop the
 // attribute). Each instruction set uses lanes of two of its registers, so that kRows x 2
@@ -94,18 +97,113 @@ GLOW_HD void mix_tiles(const MixArgs<scalar_t>& a, int64_t begin, int64_t end) {
   }
 }
 
-// One copy of the loop per instruction set; the always-inline math above is compiled into each.
-#define GLOW_EXT_MIX_VARIANT(NAME, TARGET, LANE_BYTES)                                      \
-  template <typename scalar_t>                                                              \
-  TARGET void NAME(const MixArgs<scalar_t>& a, int64_t begin, int64_t end) {                \
-    mix_tiles<scalar_t, LANE_BYTES>(a, begin, end);                                         \
+template <typename scalar_t>
+struct OuterArgs {
+  const scalar_t* g;  // grad_y, NCHW
+  const scalar_t* x;
+  int64_t channels, pixels;  // pixels per image (H·W)
+  int64_t chunk, chunks_per_image;
+};
+
+template <typename lane_t, typename scalar_t>
+GLOW_HD scalar_t lane_sum(const lane_t& v) {
+  scalar_t s = 0;
+  for (int k = 0; k < static_cast<int>(sizeof(lane_t) / sizeof(scalar_t)); ++k) s += v[k];
+  return s;
+}
+
+// out[i][j] += Σ_p g_i[p]·x_j[p] for a kB x kB block of (i, j) over the pixels of tasks [t0, t1)
+// (task = image x pixel chunk); the accumulators stay in registers for the whole range.
+template <int kB, typename lane_t, typename scalar_t>
+GLOW_HD void outer_block(const OuterArgs<scalar_t>& a, int64_t t0, int64_t t1, int64_t i, int64_t j,
+                         scalar_t* out) {
+  constexpr int64_t lanes = sizeof(lane_t) / sizeof(scalar_t);
+  const int64_t C = a.channels, HW = a.pixels;
+  lane_t acc[kB][kB];
+  scalar_t tail[kB][kB];
+  for (int r = 0; r < kB; ++r) {
+    for (int c = 0; c < kB; ++c) {
+      acc[r][c] = lane_t{};
+      tail[r][c] = 0;
+    }
+  }
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t n = t / a.chunks_per_image;
+    const int64_t p0 = (t % a.chunks_per_image) * a.chunk;
+    const int64_t p1 = std::min(p0 + a.chunk, HW);
+    const scalar_t* g = a.g + (n * C + i) * HW;
+    const scalar_t* x = a.x + (n * C + j) * HW;
+    int64_t p = p0;
+    for (; p + lanes <= p1; p += lanes) {
+      lane_t gv[kB], xv[kB];
+      for (int r = 0; r < kB; ++r) {
+        gv[r] = StridedLoad<lane_t, scalar_t>{g + p, HW}(r);
+        xv[r] = StridedLoad<lane_t, scalar_t>{x + p, HW}(r);
+      }
+      for (int r = 0; r < kB; ++r) {
+        for (int c = 0; c < kB; ++c) acc[r][c] += gv[r] * xv[c];
+      }
+    }
+    for (; p < p1; ++p) {
+      for (int r = 0; r < kB; ++r) {
+        for (int c = 0; c < kB; ++c) tail[r][c] += g[r * HW + p] * x[c * HW + p];
+      }
+    }
+  }
+  for (int r = 0; r < kB; ++r) {
+    for (int c = 0; c < kB; ++c) out[(i + r) * C + j + c] += lane_sum<lane_t, scalar_t>(acc[r][c]) + tail[r][c];
+  }
+}
+
+// Partial dL/dWf = Σ g·xᵀ and dL/dc = Σ g over tasks [begin, end), added into out = [C*C | C].
+// Tasks are taken in groups whose data fits in L2, so each group is read from memory once while
+// every block of (i, j) sweeps it.
+template <typename scalar_t, int kLaneBytes, int kBlock>
+GLOW_HD void outer_sums(const OuterArgs<scalar_t>& a, int64_t begin, int64_t end, scalar_t* out) {
+  using lane_t = Lane<scalar_t, kLaneBytes>;
+  const int64_t C = a.channels;
+  const int64_t full = C - C % kBlock;  // (i, j) < full in register blocks, the rest one by one
+  const int64_t group = std::max<int64_t>(1, kOuterGroupBytes / (2 * C * a.chunk * sizeof(scalar_t)));
+  for (int64_t t0 = begin; t0 < end; t0 += group) {
+    const int64_t t1 = std::min(end, t0 + group);
+    for (int64_t i = 0; i < full; i += kBlock) {
+      for (int64_t j = 0; j < full; j += kBlock) outer_block<kBlock, lane_t>(a, t0, t1, i, j, out);
+    }
+    for (int64_t i = 0; i < C; ++i) {
+      for (int64_t j = (i < full ? full : 0); j < C; ++j) outer_block<1, lane_t>(a, t0, t1, i, j, out);
+    }
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n = t / a.chunks_per_image;
+      const int64_t p0 = (t % a.chunks_per_image) * a.chunk;
+      const int64_t p1 = std::min(p0 + a.chunk, a.pixels);
+      for (int64_t i = 0; i < C; ++i) {
+        const scalar_t* g = a.g + (n * C + i) * a.pixels;
+        scalar_t sum = 0;
+        for (int64_t p = p0; p < p1; ++p) sum += g[p];
+        out[C * C + i] += sum;
+      }
+    }
+  }
+}
+
+// One copy of the loops per instruction set; the always-inline math above is compiled into each.
+// Lanes are one register wide; the outer-product blocks fill the register file (32 or 16 regs).
+#define GLOW_EXT_ISA_VARIANT(SUFFIX, TARGET, LANE_BYTES, BLOCK)                                 \
+  template <typename scalar_t>                                                                  \
+  TARGET void mix_tiles_##SUFFIX(const MixArgs<scalar_t>& a, int64_t begin, int64_t end) {       \
+    mix_tiles<scalar_t, LANE_BYTES>(a, begin, end);                                             \
+  }                                                                                             \
+  template <typename scalar_t>                                                                  \
+  TARGET void outer_sums_##SUFFIX(const OuterArgs<scalar_t>& a, int64_t begin, int64_t end,     \
+                                  scalar_t* out) {                                              \
+    outer_sums<scalar_t, LANE_BYTES, BLOCK>(a, begin, end, out);                                \
   }
 #if defined(__x86_64__)
-GLOW_EXT_MIX_VARIANT(mix_tiles_avx512, __attribute__((target("avx512f,avx2,fma"))), 64)
-GLOW_EXT_MIX_VARIANT(mix_tiles_avx2, __attribute__((target("avx2,fma"))), 32)
+GLOW_EXT_ISA_VARIANT(avx512, __attribute__((target("avx512f,avx2,fma"))), 64, 4)
+GLOW_EXT_ISA_VARIANT(avx2, __attribute__((target("avx2,fma"))), 32, 2)
 #endif
-GLOW_EXT_MIX_VARIANT(mix_tiles_baseline, , 16)
-#undef GLOW_EXT_MIX_VARIANT
+GLOW_EXT_ISA_VARIANT(baseline, , 16, 2)
+#undef GLOW_EXT_ISA_VARIANT
 
 enum class Isa { kAvx512, kAvx2, kBaseline };
 
@@ -127,12 +225,45 @@ void mix_direct(const MixArgs<scalar_t>& a, int64_t tasks) {
   at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
     switch (kIsa) {
 #if defined(__x86_64__)
-      case Isa::kAvx512: mix_tiles_avx512(a, begin, end); return;
-      case Isa::kAvx2: mix_tiles_avx2(a, begin, end); return;
+      case Isa::kAvx512: return mix_tiles_avx512(a, begin, end);
+      case Isa::kAvx2: return mix_tiles_avx2(a, begin, end);
 #endif
-      default: mix_tiles_baseline(a, begin, end); return;
+      default: return mix_tiles_baseline(a, begin, end);
     }
   });
+}
+
+constexpr int64_t kOuterChunkPixels = 4096;
+
+bool weight_gradient_cpu(const at::Tensor& grad_y, const at::Tensor& x, at::Tensor& grad_folded,
+                         at::Tensor& grad_offset) {
+  const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
+  if (C > kDirectMaxChannels) return false;
+  auto total = at::zeros({C * C + C}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "glow_ext_weight_gradient_cpu", [&] {
+    const int64_t chunk = std::min(HW, kOuterChunkPixels);
+    const OuterArgs<scalar_t> args{grad_y.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+                                   C, HW, chunk, (HW + chunk - 1) / chunk};
+    const int64_t tasks = N * args.chunks_per_image;
+    const int64_t grain = std::max<int64_t>(1, kMinFlopsPerTask / std::max<int64_t>(2 * C * C * chunk, 1));
+    scalar_t* sums = total.mutable_data_ptr<scalar_t>();
+    std::mutex sums_mutex;
+    at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> partial(C * C + C, 0);
+      switch (kIsa) {
+#if defined(__x86_64__)
+        case Isa::kAvx512: outer_sums_avx512(args, begin, end, partial.data()); break;
+        case Isa::kAvx2: outer_sums_avx2(args, begin, end, partial.data()); break;
+#endif
+        default: outer_sums_baseline(args, begin, end, partial.data()); break;
+      }
+      const std::lock_guard<std::mutex> lock(sums_mutex);
+      for (int64_t k = 0; k < C * C + C; ++k) sums[k] += partial[k];
+    });
+  });
+  grad_folded = total.narrow(0, 0, C * C).view({C, C});
+  grad_offset = total.narrow(0, C * C, C);
+  return true;
 }
 
 at::Tensor channel_mix_cpu(const at::Tensor& x, const ChannelMap& map) {
@@ -197,7 +328,7 @@ bool fold_forward_small_cpu(const LUParams& p, at::ScalarType acc_dtype, Channel
 bool chain_small_cpu(const LUParams& p, const at::Tensor& grad_folded, const at::Tensor& grad_offset,
                      const at::Tensor& grad_logdet_hw, ParamGrads& out) {
   const int64_t C = p.bias.size(0);
-  if (C > kSmallFoldMaxChannels || p.bias.scalar_type() != grad_folded.scalar_type()) return false;
+  if (C > kSmallChainMaxChannels || p.bias.scalar_type() != grad_folded.scalar_type()) return false;
   const auto bias = p.bias.contiguous(), logs = p.logs.contiguous(), perm = p.perm.contiguous();
   const auto lower = p.lower.contiguous(), upper = p.upper.contiguous();
   const auto log_s = p.log_s.contiguous(), sign_s = p.sign_s.contiguous();
@@ -261,7 +392,8 @@ bool chain_small_cpu(const LUParams& p, const at::Tensor& grad_folded, const at:
   return true;
 }
 
-const Backend kCpuBackend{channel_mix_cpu, fold_forward_small_cpu, chain_small_cpu};
+const Backend kCpuBackend{channel_mix_cpu, fold_forward_small_cpu, chain_small_cpu,
+                          weight_gradient_cpu};
 
 }  // namespace
 
