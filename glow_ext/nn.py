@@ -1,5 +1,8 @@
-"""Layers built on the fused kernels."""
+"""Glow layers: the fused ActNormInvConv2d, and the plain-PyTorch layers a Glow model needs around it."""
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import ops, reference
@@ -104,3 +107,409 @@ class ActNormInvConv2d(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_channels}, scale={self.scale}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# The rest of a Glow model: plain-PyTorch layers around the fused ActNormInvConv2d.
+#
+# Contract shared by every invertible layer below: forward(x) -> (y, logdet) with logdet either
+# per-sample (N,) or a 0-dim tensor (the same for every sample, broadcastable to (N,)), and
+# reverse(y) -> x. Split, which changes the number of tensors, has its own contract (see there).
+# ---------------------------------------------------------------------------------------------------
+COUPLINGS = ("affine", "additive")
+PERMUTATIONS = ("invconv_lu", "invconv", "shuffle", "reverse")
+
+
+def _zero_logdet(x: torch.Tensor) -> torch.Tensor:
+    return x.new_zeros(())
+
+
+@torch.no_grad()
+def _channel_mean_std(x: torch.Tensor):
+    """Per-channel mean and population std over (N, H, W), two-pass, averaged over ranks."""
+    x = x.detach().to(reference.accumulation_dtype(x))
+    mean = _all_reduce_mean(x.mean(dim=(0, 2, 3)))
+    var = _all_reduce_mean((x - mean.view(1, -1, 1, 1)).square().mean(dim=(0, 2, 3)))
+    return mean, var.sqrt()
+
+
+class ActNorm2d(nn.Module):
+    """ActNorm alone: y = (x + bias)·exp(logs) per channel, logdet = H·W·Σ logs (0-dim).
+
+    `bias`, `logs` are (C,). Data-dependent init on the first forward in train mode: bias = −mean,
+    logs = log(scale / (std + 1e-6)) (population std over N, H, W; averaged over torch.distributed
+    ranks). The flag is the `initialized` buffer, so a loaded checkpoint is never re-initialised;
+    reverse never initialises.
+    """
+
+    def __init__(self, num_channels: int, scale: float = 1.0):
+        super().__init__()
+        if num_channels < 1:
+            raise ValueError(f"num_channels must be positive, got {num_channels}")
+        self.num_channels = num_channels
+        self.scale = scale
+        self.bias = nn.Parameter(torch.zeros(num_channels))
+        self.logs = nn.Parameter(torch.zeros(num_channels))
+        self.register_buffer("initialized", torch.tensor(False))
+        self._initialized = False  # Python mirror: reading the buffer would synchronise with a GPU
+        self.register_load_state_dict_post_hook(_sync_initialized_flag)
+
+    @torch.no_grad()
+    def initialize(self, x: torch.Tensor) -> None:
+        mean, std = _channel_mean_std(x)
+        self.bias.copy_(-mean)
+        self.logs.copy_(torch.log(self.scale / (std + 1e-6)))
+        self.initialized.fill_(True)
+        self._initialized = True
+
+    def forward(self, x: torch.Tensor):
+        if self.training and not self._initialized:
+            self.initialize(x)
+        y = (x + self.bias.view(1, -1, 1, 1)) * self.logs.exp().view(1, -1, 1, 1)
+        return y, self.logs.sum() * (x.shape[2] * x.shape[3])
+
+    def reverse(self, y: torch.Tensor) -> torch.Tensor:
+        return y * (-self.logs).exp().view(1, -1, 1, 1) - self.bias.view(1, -1, 1, 1)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_channels}, scale={self.scale}"
+
+
+class InvConv2d(nn.Module):
+    """The naive invertible 1x1 convolution, kept as the baseline: a dense weight W (C, C).
+
+    y = W·x per pixel (F.conv2d), logdet = H·W·log|det W| through slogdet (in float64) every call,
+    reverse through a general inverse of W (in float64) every call. W starts as a random rotation.
+    """
+
+    def __init__(self, num_channels: int, generator=None):
+        super().__init__()
+        if num_channels < 1:
+            raise ValueError(f"num_channels must be positive, got {num_channels}")
+        self.num_channels = num_channels
+        gaussian = torch.randn(num_channels, num_channels, generator=generator, dtype=torch.float64)
+        rotation, _ = torch.linalg.qr(gaussian)
+        self.weight = nn.Parameter(rotation.to(torch.float32))
+
+    def forward(self, x: torch.Tensor):
+        c = self.num_channels
+        y = F.conv2d(x, self.weight.view(c, c, 1, 1))
+        logabsdet = torch.linalg.slogdet(self.weight.to(torch.float64))[1].to(self.weight.dtype)
+        return y, logabsdet * (x.shape[2] * x.shape[3])
+
+    def reverse(self, y: torch.Tensor) -> torch.Tensor:
+        c = self.num_channels
+        inverse = torch.linalg.inv(self.weight.to(torch.float64)).to(self.weight.dtype)
+        return F.conv2d(y, inverse.view(c, c, 1, 1))
+
+    def extra_repr(self) -> str:
+        return f"{self.num_channels}"
+
+
+class InvConv2dLU(nn.Module):
+    """The LU-parametrised invertible 1x1 convolution alone, on the fused op with an identity ActNorm.
+
+    W = P·L·(U + diag(sign_s·exp(log_s))); logdet = H·W·Σ log_s (0-dim); the inverse goes through
+    the op's triangular solves. `bias` and `logs` are zero non-persistent buffers (not in the
+    state_dict), so the layer's state is exactly perm, lower, upper, log_s, sign_s.
+    """
+
+    def __init__(self, num_channels: int, generator=None):
+        super().__init__()
+        if num_channels < 1:
+            raise ValueError(f"num_channels must be positive, got {num_channels}")
+        self.num_channels = num_channels
+        perm, lower, upper, log_s, sign_s = random_rotation_lu(num_channels, generator)
+        check_permutation(perm, num_channels)
+        self.lower = nn.Parameter(lower)
+        self.upper = nn.Parameter(upper)
+        self.log_s = nn.Parameter(log_s)
+        self.register_buffer("perm", perm)
+        self.register_buffer("sign_s", sign_s)
+        self.register_buffer("bias", torch.zeros(num_channels), persistent=False)
+        self.register_buffer("logs", torch.zeros(num_channels), persistent=False)
+
+    def _params(self):
+        return (self.bias, self.logs, self.perm, self.lower, self.upper, self.log_s, self.sign_s)
+
+    def forward(self, x: torch.Tensor):
+        return ops.actnorm_invconv_lu(x, *self._params())
+
+    def reverse(self, y: torch.Tensor) -> torch.Tensor:
+        return ops.actnorm_invconv_lu_inverse(y, *self._params())
+
+    def weight(self) -> torch.Tensor:
+        return reference.lu_weight(self.perm, self.lower, self.upper, self.log_s, self.sign_s)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_channels}"
+
+
+class Shuffle(nn.Module):
+    """A fixed random channel permutation (drawn once, stored as a buffer); logdet 0."""
+
+    def __init__(self, num_channels: int, generator=None):
+        super().__init__()
+        if num_channels < 1:
+            raise ValueError(f"num_channels must be positive, got {num_channels}")
+        self.num_channels = num_channels
+        perm = torch.randperm(num_channels, generator=generator)
+        inverse = torch.empty_like(perm)
+        inverse[perm] = torch.arange(num_channels)
+        self.register_buffer("perm", perm)
+        self.register_buffer("inverse_perm", inverse)
+
+    def forward(self, x: torch.Tensor):
+        return x.index_select(1, self.perm), _zero_logdet(x)
+
+    def reverse(self, y: torch.Tensor) -> torch.Tensor:
+        return y.index_select(1, self.inverse_perm)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_channels}"
+
+
+class Reverse(nn.Module):
+    """Reverses the channel order (its own inverse); logdet 0."""
+
+    def __init__(self, num_channels: int):
+        super().__init__()
+        self.num_channels = num_channels
+
+    def forward(self, x: torch.Tensor):
+        return x.flip(1), _zero_logdet(x)
+
+    def reverse(self, y: torch.Tensor) -> torch.Tensor:
+        return y.flip(1)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_channels}"
+
+
+def squeeze2d(x: torch.Tensor, factor: int = 2) -> torch.Tensor:
+    """(N, C, H, W) -> (N, C·f², H/f, W/f): each f x f block of pixels becomes f² channels.
+
+    Output channel c·f² + i·f + j holds input channel c at block offset (i, j)."""
+    if x.dim() != 4:
+        raise ValueError(f"squeeze2d expects a 4-D (N, C, H, W) input, got shape {tuple(x.shape)}")
+    n, c, h, w = x.shape
+    if h % factor or w % factor:
+        raise ValueError(f"squeeze2d needs H and W divisible by {factor}, got H={h}, W={w} "
+                         f"(input shape {tuple(x.shape)})")
+    x = x.reshape(n, c, h // factor, factor, w // factor, factor)
+    return x.permute(0, 1, 3, 5, 2, 4).reshape(n, c * factor * factor, h // factor, w // factor)
+
+
+def unsqueeze2d(x: torch.Tensor, factor: int = 2) -> torch.Tensor:
+    """The inverse of squeeze2d: (N, C·f², H, W) -> (N, C, H·f, W·f)."""
+    if x.dim() != 4:
+        raise ValueError(f"unsqueeze2d expects a 4-D (N, C, H, W) input, got shape {tuple(x.shape)}")
+    n, c, h, w = x.shape
+    if c % (factor * factor):
+        raise ValueError(f"unsqueeze2d needs C divisible by {factor * factor}, got C={c}")
+    x = x.reshape(n, c // (factor * factor), factor, factor, h, w)
+    return x.permute(0, 1, 4, 2, 5, 3).reshape(n, c // (factor * factor), h * factor, w * factor)
+
+
+class Squeeze2d(nn.Module):
+    """squeeze2d as a layer: forward(x) -> (squeezed, 0-dim zero logdet), reverse = unsqueeze2d."""
+
+    def __init__(self, factor: int = 2):
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x: torch.Tensor):
+        return squeeze2d(x, self.factor), _zero_logdet(x)
+
+    def reverse(self, y: torch.Tensor) -> torch.Tensor:
+        return unsqueeze2d(y, self.factor)
+
+
+class ZeroConv2d(nn.Module):
+    """3x3 convolution (zero padding), zero-initialised, output scaled by exp(logscale_factor·logs)
+    with a learned per-channel `logs` (the paper's zero-init last layer): starts as exactly 0."""
+
+    def __init__(self, in_channels: int, out_channels: int, logscale_factor: float = 3.0):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        nn.init.zeros_(self.conv.weight)
+        nn.init.zeros_(self.conv.bias)
+        self.logs = nn.Parameter(torch.zeros(out_channels))
+        self.logscale_factor = logscale_factor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x) * (self.logs * self.logscale_factor).exp().view(1, -1, 1, 1)
+
+
+class CouplingNN(nn.Module):
+    """The coupling network: 3x3 conv -> ReLU -> 1x1 conv -> ReLU -> ZeroConv2d (no ActNorm inside).
+
+    The first two convolutions start from N(0, 0.05²) weights and zero biases; the last is zero, so
+    the network's output starts at exactly 0."""
+
+    def __init__(self, in_channels: int, out_channels: int, hidden_channels: int = 512):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(in_channels, hidden_channels, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(hidden_channels, hidden_channels, 1),
+            nn.ReLU(),
+            ZeroConv2d(hidden_channels, out_channels),
+        )
+        for conv in (self.net[0], self.net[2]):
+            nn.init.normal_(conv.weight, 0.0, 0.05)
+            nn.init.zeros_(conv.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def _coupling_halves(num_channels: int):
+    if num_channels < 2:
+        raise ValueError(f"a coupling layer needs at least 2 channels, got {num_channels}")
+    passive = num_channels // 2
+    return passive, num_channels - passive
+
+
+class AffineCoupling(nn.Module):
+    """x = (x_a, x_b) (first C//2 channels, the rest); h = NN(x_a) = (h_t, h_s);
+    scale = sigmoid(h_s + 2), y_b = (x_b + h_t)·scale, y = (x_a, y_b), logdet = Σ log scale (N,)."""
+
+    def __init__(self, num_channels: int, hidden_channels: int = 512):
+        super().__init__()
+        self.num_channels = num_channels
+        self.passive, self.active = _coupling_halves(num_channels)
+        self.nn = CouplingNN(self.passive, 2 * self.active, hidden_channels)
+
+    def _shift_logscale(self, x_a):
+        h = self.nn(x_a)
+        return h[:, :self.active], F.logsigmoid(h[:, self.active:] + 2.0)
+
+    def forward(self, x: torch.Tensor):
+        x_a, x_b = x[:, :self.passive], x[:, self.passive:]
+        shift, log_scale = self._shift_logscale(x_a)
+        y_b = (x_b + shift) * log_scale.exp()
+        return torch.cat([x_a, y_b], dim=1), log_scale.flatten(1).sum(1)
+
+    def reverse(self, y: torch.Tensor) -> torch.Tensor:
+        y_a, y_b = y[:, :self.passive], y[:, self.passive:]
+        shift, log_scale = self._shift_logscale(y_a)
+        return torch.cat([y_a, y_b * (-log_scale).exp() - shift], dim=1)
+
+
+class AdditiveCoupling(nn.Module):
+    """y_b = x_b + NN(x_a), y_a = x_a; logdet 0."""
+
+    def __init__(self, num_channels: int, hidden_channels: int = 512):
+        super().__init__()
+        self.num_channels = num_channels
+        self.passive, self.active = _coupling_halves(num_channels)
+        self.nn = CouplingNN(self.passive, self.active, hidden_channels)
+
+    def forward(self, x: torch.Tensor):
+        x_a, x_b = x[:, :self.passive], x[:, self.passive:]
+        return torch.cat([x_a, x_b + self.nn(x_a)], dim=1), _zero_logdet(x)
+
+    def reverse(self, y: torch.Tensor) -> torch.Tensor:
+        y_a, y_b = y[:, :self.passive], y[:, self.passive:]
+        return torch.cat([y_a, y_b - self.nn(y_a)], dim=1)
+
+
+LOG_2PI = math.log(2 * math.pi)
+
+
+def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:
+    """Σ over all but the batch dimension of log N(x; mean, exp(log_std)²), shape (N,)."""
+    log_p = -0.5 * LOG_2PI - log_std - 0.5 * (x - mean).square() * (-2.0 * log_std).exp()
+    return log_p.flatten(1).sum(1)
+
+
+def gaussian_sample(mean: torch.Tensor, log_std: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """mean + temperature·exp(log_std)·ε; temperature 0 gives the mean exactly."""
+    if temperature == 0:
+        return mean.clone()
+    return mean + temperature * log_std.exp() * torch.randn_like(mean)
+
+
+class Split(nn.Module):
+    """Half the channels leave the flow as z, scored by a learned conditional Gaussian prior.
+
+    x = (kept, z) with kept the first C - C//2 channels; (mean, log_std) = ZeroConv2d(kept) split
+    along channels. forward(x) -> (kept, z, log_p) with log_p (N,) = log N(z; mean, exp(log_std)²).
+    reverse(kept, z=None, temperature=1.0) -> x: uses the given z (exact inverse) or samples it at
+    the temperature (which scales the prior std; 0 gives the prior mean).
+    """
+
+    def __init__(self, num_channels: int):
+        super().__init__()
+        if num_channels < 2:
+            raise ValueError(f"Split needs at least 2 channels, got {num_channels}")
+        self.num_channels = num_channels
+        self.z_channels = num_channels // 2
+        self.kept_channels = num_channels - self.z_channels
+        self.prior = ZeroConv2d(self.kept_channels, 2 * self.z_channels)
+
+    def prior_params(self, kept: torch.Tensor):
+        h = self.prior(kept)
+        return h[:, :self.z_channels], h[:, self.z_channels:]
+
+    def forward(self, x: torch.Tensor):
+        kept, z = x[:, :self.kept_channels], x[:, self.kept_channels:]
+        mean, log_std = self.prior_params(kept)
+        return kept, z, gaussian_log_prob(z, mean, log_std)
+
+    def reverse(self, kept: torch.Tensor, z=None, temperature: float = 1.0) -> torch.Tensor:
+        if z is None:
+            z = gaussian_sample(*self.prior_params(kept), temperature)
+        return torch.cat([kept, z], dim=1)
+
+
+class FlowStep(nn.Module):
+    """One Glow step: ActNorm -> channel permutation -> coupling.
+
+    permutation="invconv_lu": ActNorm and the LU 1x1 conv are the fused ActNormInvConv2d (`actnorm`
+    is None, `permute` the fused layer); "invconv": ActNorm2d + InvConv2d (slogdet baseline);
+    "shuffle" / "reverse": ActNorm2d + Shuffle / Reverse. coupling: "affine" or "additive".
+    forward(x) -> (y, logdet (N,)); reverse(y) -> x (the fused layer through the inverse kernel).
+    """
+
+    def __init__(self, num_channels: int, hidden_channels: int = 512, coupling: str = "affine",
+                 permutation: str = "invconv_lu", actnorm_scale: float = 1.0):
+        super().__init__()
+        if coupling not in COUPLINGS:
+            raise ValueError(f"unknown coupling {coupling!r}; expected one of {COUPLINGS}")
+        if permutation not in PERMUTATIONS:
+            raise ValueError(f"unknown permutation {permutation!r}; expected one of {PERMUTATIONS}")
+        self.num_channels = num_channels
+        self.coupling_type = coupling
+        self.permutation_type = permutation
+        if permutation == "invconv_lu":
+            self.actnorm = None
+            self.permute = ActNormInvConv2d(num_channels, scale=actnorm_scale)
+        else:
+            self.actnorm = ActNorm2d(num_channels, scale=actnorm_scale)
+            if permutation == "invconv":
+                self.permute = InvConv2d(num_channels)
+            elif permutation == "shuffle":
+                self.permute = Shuffle(num_channels)
+            else:
+                self.permute = Reverse(num_channels)
+        coupling_cls = AffineCoupling if coupling == "affine" else AdditiveCoupling
+        self.coupling = coupling_cls(num_channels, hidden_channels)
+
+    def forward(self, x: torch.Tensor):
+        logdet = x.new_zeros(x.shape[0])
+        if self.actnorm is not None:
+            x, ld = self.actnorm(x)
+            logdet = logdet + ld
+        x, ld = self.permute(x)
+        logdet = logdet + ld
+        x, ld = self.coupling(x)
+        return x, logdet + ld
+
+    def reverse(self, y: torch.Tensor) -> torch.Tensor:
+        x = self.coupling.reverse(y)
+        x = self.permute.reverse(x)
+        if self.actnorm is not None:
+            x = self.actnorm.reverse(x)
+        return x
