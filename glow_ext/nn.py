@@ -48,7 +48,88 @@ def _sync_initialized_flag(module, incompatible_keys):
     module._initialized = bool(module.initialized)
 
 
-class ActNormInvConv2d(nn.Module):
+@torch.no_grad()
+def _channel_mean_std(x: torch.Tensor):
+    """Per-channel mean and population std over (N, H, W), two-pass, averaged over ranks."""
+    x = x.detach().to(reference.accumulation_dtype(x))
+    mean = _all_reduce_mean(x.mean(dim=(0, 2, 3)))
+    var = _all_reduce_mean((x - mean.view(1, -1, 1, 1)).square().mean(dim=(0, 2, 3)))
+    return mean, var.sqrt()
+
+
+class _DataDependentActNorm:
+    """ActNorm's state and data-dependent init, shared by ActNorm2d and ActNormInvConv2d.
+
+    Parameters `bias`, `logs` (C,). On the first forward in train mode: bias = −mean,
+    logs = log(scale / (std + 1e-6)) (population std over N, H, W, averaged over torch.distributed
+    ranks). The flag is the `initialized` buffer, so a loaded checkpoint is never re-initialised.
+    """
+
+    def _register_actnorm(self, num_channels: int) -> None:
+        self.bias = nn.Parameter(torch.zeros(num_channels))
+        self.logs = nn.Parameter(torch.zeros(num_channels))
+        self.register_buffer("initialized", torch.tensor(False))
+        # Python mirror of the buffer: reading the buffer each call would synchronise with the GPU.
+        self._initialized = False
+        self.register_load_state_dict_post_hook(_sync_initialized_flag)
+
+    @torch.no_grad()
+    def initialize(self, x: torch.Tensor) -> None:
+        mean, std = _channel_mean_std(x)
+        self.bias.copy_(-mean)
+        self.logs.copy_(torch.log(self.scale / (std + 1e-6)))
+        self.initialized.fill_(True)
+        self._initialized = True
+
+    def _initialize_if_needed(self, x: torch.Tensor) -> None:
+        if self.training and not self._initialized:
+            self.initialize(x)
+
+
+class InvConv2dLU(nn.Module):
+    """The LU-parametrised invertible 1x1 convolution alone, on the fused op with an identity ActNorm.
+
+    W = P·L·(U + diag(sign_s·exp(log_s))); logdet = H·W·Σ log_s (0-dim); the inverse goes through
+    the op's triangular solves. `bias` and `logs` are zero non-persistent buffers (not in the
+    state_dict), so the layer's state is exactly perm, lower, upper, log_s, sign_s.
+    """
+
+    def __init__(self, num_channels: int, generator=None):
+        super().__init__()
+        if num_channels < 1:
+            raise ValueError(f"num_channels must be positive, got {num_channels}")
+        self.num_channels = num_channels
+        perm, lower, upper, log_s, sign_s = random_rotation_lu(num_channels, generator)
+        check_permutation(perm, num_channels)
+        self._register_actnorm(num_channels)
+        self.lower = nn.Parameter(lower)
+        self.upper = nn.Parameter(upper)
+        self.log_s = nn.Parameter(log_s)
+        self.register_buffer("perm", perm)
+        self.register_buffer("sign_s", sign_s)
+
+    def _register_actnorm(self, num_channels: int) -> None:
+        self.register_buffer("bias", torch.zeros(num_channels), persistent=False)
+        self.register_buffer("logs", torch.zeros(num_channels), persistent=False)
+
+    def _params(self):
+        return (self.bias, self.logs, self.perm, self.lower, self.upper, self.log_s, self.sign_s)
+
+    def forward(self, x: torch.Tensor):
+        return ops.actnorm_invconv_lu(x, *self._params())
+
+    def reverse(self, y: torch.Tensor) -> torch.Tensor:
+        return ops.actnorm_invconv_lu_inverse(y, *self._params())
+
+    def weight(self) -> torch.Tensor:
+        """The assembled C x C matrix W (for inspection; the ops never need it)."""
+        return reference.lu_weight(self.perm, self.lower, self.upper, self.log_s, self.sign_s)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_channels}"
+
+
+class ActNormInvConv2d(_DataDependentActNorm, InvConv2dLU):
     """ActNorm followed by an LU-parametrised invertible 1x1 convolution, in one fused op.
 
     y = W·((x + bias)·exp(logs)) at every pixel, logdet = H·W·(Σ logs + Σ log_s) (a 0-dim tensor,
@@ -59,51 +140,12 @@ class ActNormInvConv2d(nn.Module):
     """
 
     def __init__(self, num_channels: int, scale: float = 1.0, generator=None):
-        super().__init__()
-        if num_channels < 1:
-            raise ValueError(f"num_channels must be positive, got {num_channels}")
-        self.num_channels = num_channels
+        super().__init__(num_channels, generator)
         self.scale = scale
-        perm, lower, upper, log_s, sign_s = random_rotation_lu(num_channels, generator)
-        check_permutation(perm, num_channels)
-        self.bias = nn.Parameter(torch.zeros(num_channels))
-        self.logs = nn.Parameter(torch.zeros(num_channels))
-        self.lower = nn.Parameter(lower)
-        self.upper = nn.Parameter(upper)
-        self.log_s = nn.Parameter(log_s)
-        self.register_buffer("perm", perm)
-        self.register_buffer("sign_s", sign_s)
-        self.register_buffer("initialized", torch.tensor(False))
-        # Python mirror of the buffer: reading the buffer each call would synchronise with the GPU.
-        self._initialized = False
-        self.register_load_state_dict_post_hook(_sync_initialized_flag)
-
-    def _params(self):
-        return (self.bias, self.logs, self.perm, self.lower, self.upper, self.log_s, self.sign_s)
-
-    @torch.no_grad()
-    def initialize(self, x: torch.Tensor) -> None:
-        """Data-dependent ActNorm init: bias = −mean, logs = log(scale / (std + 1e-6)) per channel."""
-        x = x.detach().to(self.bias.dtype)
-        moments = torch.stack([x.mean(dim=(0, 2, 3)), (x * x).mean(dim=(0, 2, 3))])
-        mean, mean_sq = _all_reduce_mean(moments)
-        std = (mean_sq - mean * mean).clamp_min(0).sqrt()
-        self.bias.copy_(-mean)
-        self.logs.copy_(torch.log(self.scale / (std + 1e-6)))
-        self.initialized.fill_(True)
-        self._initialized = True
 
     def forward(self, x: torch.Tensor):
-        if self.training and not self._initialized:
-            self.initialize(x)
-        return ops.actnorm_invconv_lu(x, *self._params())
-
-    def reverse(self, y: torch.Tensor) -> torch.Tensor:
-        return ops.actnorm_invconv_lu_inverse(y, *self._params())
-
-    def weight(self) -> torch.Tensor:
-        """The assembled C x C matrix W (for inspection; the ops never need it)."""
-        return reference.lu_weight(self.perm, self.lower, self.upper, self.log_s, self.sign_s)
+        self._initialize_if_needed(x)
+        return super().forward(x)
 
     def extra_repr(self) -> str:
         return f"{self.num_channels}, scale={self.scale}"
@@ -124,16 +166,7 @@ def _zero_logdet(x: torch.Tensor) -> torch.Tensor:
     return x.new_zeros(())
 
 
-@torch.no_grad()
-def _channel_mean_std(x: torch.Tensor):
-    """Per-channel mean and population std over (N, H, W), two-pass, averaged over ranks."""
-    x = x.detach().to(reference.accumulation_dtype(x))
-    mean = _all_reduce_mean(x.mean(dim=(0, 2, 3)))
-    var = _all_reduce_mean((x - mean.view(1, -1, 1, 1)).square().mean(dim=(0, 2, 3)))
-    return mean, var.sqrt()
-
-
-class ActNorm2d(nn.Module):
+class ActNorm2d(_DataDependentActNorm, nn.Module):
     """ActNorm alone: y = (x + bias)·exp(logs) per channel, logdet = H·W·Σ logs (0-dim).
 
     `bias`, `logs` are (C,). Data-dependent init on the first forward in train mode: bias = −mean,
@@ -148,23 +181,10 @@ class ActNorm2d(nn.Module):
             raise ValueError(f"num_channels must be positive, got {num_channels}")
         self.num_channels = num_channels
         self.scale = scale
-        self.bias = nn.Parameter(torch.zeros(num_channels))
-        self.logs = nn.Parameter(torch.zeros(num_channels))
-        self.register_buffer("initialized", torch.tensor(False))
-        self._initialized = False  # Python mirror: reading the buffer would synchronise with a GPU
-        self.register_load_state_dict_post_hook(_sync_initialized_flag)
-
-    @torch.no_grad()
-    def initialize(self, x: torch.Tensor) -> None:
-        mean, std = _channel_mean_std(x)
-        self.bias.copy_(-mean)
-        self.logs.copy_(torch.log(self.scale / (std + 1e-6)))
-        self.initialized.fill_(True)
-        self._initialized = True
+        self._register_actnorm(num_channels)
 
     def forward(self, x: torch.Tensor):
-        if self.training and not self._initialized:
-            self.initialize(x)
+        self._initialize_if_needed(x)
         y = (x + self.bias.view(1, -1, 1, 1)) * self.logs.exp().view(1, -1, 1, 1)
         return y, self.logs.sum() * (x.shape[2] * x.shape[3])
 
@@ -201,45 +221,6 @@ class InvConv2d(nn.Module):
         c = self.num_channels
         inverse = torch.linalg.inv(self.weight.to(torch.float64)).to(self.weight.dtype)
         return F.conv2d(y, inverse.view(c, c, 1, 1))
-
-    def extra_repr(self) -> str:
-        return f"{self.num_channels}"
-
-
-class InvConv2dLU(nn.Module):
-    """The LU-parametrised invertible 1x1 convolution alone, on the fused op with an identity ActNorm.
-
-    W = P·L·(U + diag(sign_s·exp(log_s))); logdet = H·W·Σ log_s (0-dim); the inverse goes through
-    the op's triangular solves. `bias` and `logs` are zero non-persistent buffers (not in the
-    state_dict), so the layer's state is exactly perm, lower, upper, log_s, sign_s.
-    """
-
-    def __init__(self, num_channels: int, generator=None):
-        super().__init__()
-        if num_channels < 1:
-            raise ValueError(f"num_channels must be positive, got {num_channels}")
-        self.num_channels = num_channels
-        perm, lower, upper, log_s, sign_s = random_rotation_lu(num_channels, generator)
-        check_permutation(perm, num_channels)
-        self.lower = nn.Parameter(lower)
-        self.upper = nn.Parameter(upper)
-        self.log_s = nn.Parameter(log_s)
-        self.register_buffer("perm", perm)
-        self.register_buffer("sign_s", sign_s)
-        self.register_buffer("bias", torch.zeros(num_channels), persistent=False)
-        self.register_buffer("logs", torch.zeros(num_channels), persistent=False)
-
-    def _params(self):
-        return (self.bias, self.logs, self.perm, self.lower, self.upper, self.log_s, self.sign_s)
-
-    def forward(self, x: torch.Tensor):
-        return ops.actnorm_invconv_lu(x, *self._params())
-
-    def reverse(self, y: torch.Tensor) -> torch.Tensor:
-        return ops.actnorm_invconv_lu_inverse(y, *self._params())
-
-    def weight(self) -> torch.Tensor:
-        return reference.lu_weight(self.perm, self.lower, self.upper, self.log_s, self.sign_s)
 
     def extra_repr(self) -> str:
         return f"{self.num_channels}"
