@@ -12,7 +12,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <mutex>
 #include <vector>
 
 #include "../actnorm_invconv.h"
@@ -248,20 +247,24 @@ bool weight_gradient_cpu(const at::Tensor& grad_y, const at::Tensor& x, at::Tens
                                    C, HW, chunk, (HW + chunk - 1) / chunk};
     const int64_t tasks = N * args.chunks_per_image;
     const int64_t grain = std::max<int64_t>(1, kMinFlopsPerTask / std::max<int64_t>(2 * C * C * chunk, 1));
-    scalar_t* sums = total.mutable_data_ptr<scalar_t>();
-    std::mutex sums_mutex;
+    // One partial sum per thread, added up in thread order: the chunks of at::parallel_for are a
+    // function of the thread count alone, so the result is the same on every run.
+    const int64_t size = C * C + C;
+    std::vector<scalar_t> partials(at::get_num_threads() * size, 0);
     at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> partial(C * C + C, 0);
+      scalar_t* partial = partials.data() + at::get_thread_num() * size;
       switch (kIsa) {
 #if defined(__x86_64__)
-        case Isa::kAvx512: outer_sums_avx512(args, begin, end, partial.data()); break;
-        case Isa::kAvx2: outer_sums_avx2(args, begin, end, partial.data()); break;
+        case Isa::kAvx512: outer_sums_avx512(args, begin, end, partial); break;
+        case Isa::kAvx2: outer_sums_avx2(args, begin, end, partial); break;
 #endif
-        default: outer_sums_baseline(args, begin, end, partial.data()); break;
+        default: outer_sums_baseline(args, begin, end, partial); break;
       }
-      const std::lock_guard<std::mutex> lock(sums_mutex);
-      for (int64_t k = 0; k < C * C + C; ++k) sums[k] += partial[k];
     });
+    scalar_t* sums = total.mutable_data_ptr<scalar_t>();
+    for (size_t t = 0; t < partials.size(); t += size) {
+      for (int64_t k = 0; k < size; ++k) sums[k] += partials[t + k];
+    }
   });
   grad_folded = total.narrow(0, 0, C * C).view({C, C});
   grad_offset = total.narrow(0, C * C, C);
