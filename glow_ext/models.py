@@ -196,23 +196,10 @@ class Glow(nn.Module):
     # ---- the flow -----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, y=None) -> GlowOutput:
         self._check_input(x)
-        n = x.shape[0]
-        top_mean, top_log_std = self.top_prior_params(n, y, like=x)
-        logdet = x.new_zeros(n)
-        log_prob = x.new_zeros(n)
-        zs = []
-        h = x
-        for level in self.levels:
-            h = squeeze2d(h)
-            for step in level.steps:
-                h, step_logdet = step(h)
-                logdet = logdet + step_logdet
-            if level.split is not None:
-                h, z, z_log_p = level.split(h)
-                zs.append(z)
-                log_prob = log_prob + z_log_p
-        zs.append(h)
-        log_prob = log_prob + gaussian_log_prob(h, top_mean, top_log_std) + logdet
+        top_mean, top_log_std = self.top_prior_params(x.shape[0], y, like=x)
+        zs, logdet, split_log_prob = self._flow(x)
+        h = zs[-1]
+        log_prob = split_log_prob + gaussian_log_prob(h, top_mean, top_log_std) + logdet
         class_logits = self.class_head(h.mean(dim=(2, 3))) if self.class_head is not None else None
         return GlowOutput(log_prob=log_prob, logdet=logdet, zs=zs, class_logits=class_logits)
 
@@ -234,17 +221,27 @@ class Glow(nn.Module):
         self._check_input(x)
         if y is not None:
             self._one_hot(y, x.shape[0], x)
+        return self._flow(x)[0]
+
+    def _flow(self, x: torch.Tensor):
+        """x through every level: the latents (top last), the total logdet and the split priors'
+        log-probability, both per sample."""
+        n = x.shape[0]
+        logdet = x.new_zeros(n)
+        log_prob = x.new_zeros(n)
         zs = []
         h = x
         for level in self.levels:
             h = squeeze2d(h)
             for step in level.steps:
-                h, _ = step(h)
+                h, step_logdet = step(h)
+                logdet = logdet + step_logdet
             if level.split is not None:
-                h, z, _ = level.split(h)
+                h, z, z_log_p = level.split(h)
                 zs.append(z)
+                log_prob = log_prob + z_log_p
         zs.append(h)
-        return zs
+        return zs, logdet, log_prob
 
     def _check_latents(self, zs) -> None:
         if not isinstance(zs, (list, tuple)) or len(zs) != self.L:
