@@ -520,18 +520,11 @@ OPCHECK_SHAPES = [
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape", OPCHECK_SHAPES)
-def test_opcheck_forward(shape, device):
-    x, params = _setup(shape, torch.float32, device)
-    x, params = _with_grad(x, params)
-    torch.library.opcheck(torch.ops.glow_ext.actnorm_invconv_lu.default, (x, *params))
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("shape", OPCHECK_SHAPES)
-def test_opcheck_inverse(shape, device):
-    y, params = _setup(shape, torch.float32, device)
-    y, params = _with_grad(y, params)
-    torch.library.opcheck(torch.ops.glow_ext.actnorm_invconv_lu_inverse.default, (y, *params))
+@pytest.mark.parametrize("op_name", ["actnorm_invconv_lu", "actnorm_invconv_lu_inverse"])
+def test_opcheck_forward_and_inverse(op_name, shape, device):
+    inputs, params = _setup(shape, torch.float32, device)
+    inputs, params = _with_grad(inputs, params)
+    torch.library.opcheck(getattr(torch.ops.glow_ext, op_name).default, (inputs, *params))
 
 
 @pytest.mark.parametrize("device", DEVICES)
