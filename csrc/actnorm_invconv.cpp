@@ -286,6 +286,32 @@ at::Tensor inverse(const Backend& backend, const at::Tensor& y_in, const LUParam
   return backend.channel_mix(y, cast(fold_inverse_generic(AccParams(p, algebra_dtype(y)), p.perm), acc));
 }
 
+at::Tensor channel_map(const Backend& backend, const at::Tensor& x_in, const at::Tensor& weight,
+                       const at::Tensor& offset) {
+  const char* op = "glow_ext::channel_map";
+  TORCH_CHECK(x_in.dim() == 4, op, ": `x` must be 4-D (N, C, H, W), got shape ", shape_str(x_in));
+  const int64_t C = x_in.size(1);
+  const auto x_type = x_in.scalar_type();
+  TORCH_CHECK(x_type == at::kFloat || x_type == at::kDouble ||
+                  (x_in.is_cuda() && is_reduced_float(x_type)),
+              op, ": `x` must be float32 or float64",
+              x_in.is_cuda() ? " (or float16/bfloat16)" : " on the CPU (float16/bfloat16 need CUDA)",
+              ", got ", x_type);
+  check_matrix(op, "weight", weight, C);
+  check_vector(op, "offset", offset, C);
+  const auto acc = accumulation_dtype(x_in);
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"weight", &weight},
+                                {"offset", &offset}}) {
+    TORCH_CHECK(t->device() == x_in.device(), op, ": `", name, "` is on ", t->device(),
+                " but `x` is on ", x_in.device(), "; all arguments must be on one device");
+    TORCH_CHECK(t->scalar_type() == acc, op, ": `", name, "` must be ", acc, " (the accumulation ",
+                "dtype of ", x_type, " input), got ", t->scalar_type());
+  }
+  const auto x = x_in.contiguous();
+  if (x.numel() == 0) return at::empty_like(x);
+  return backend.channel_mix(x, {weight, offset});
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     const Backend& backend, const at::Tensor& grad_y_in, const at::Tensor& grad_logdet,
     const at::Tensor& x_in, const LUParams& p) {

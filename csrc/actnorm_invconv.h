@@ -63,6 +63,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const Backend& backend, const at::Tensor& grad_y, const at::Tensor& grad_logdet,
     const at::Tensor& x, const LUParams& p);
 
+// y[n, :, p] = weight·x[n, :, p] + offset for a map the caller precomputed (e.g. a cached inverse);
+// weight (C, C) and offset (C,) in x's accumulation dtype.
+at::Tensor channel_map(const Backend& backend, const at::Tensor& x, const at::Tensor& weight,
+                       const at::Tensor& offset);
+
 // The op signatures declared in ops.cpp, bound to one backend for TORCH_LIBRARY_IMPL.
 template <const Backend& kBackend>
 struct BoundOps {
@@ -85,6 +90,10 @@ struct BoundOps {
               const at::Tensor& sign_s) {
     return backward(kBackend, grad_y, grad_logdet, x,
                     {bias, logs, perm, lower, upper, log_s, sign_s});
+  }
+  static at::Tensor channel_map_op(const at::Tensor& x, const at::Tensor& weight,
+                                   const at::Tensor& offset) {
+    return channel_map(kBackend, x, weight, offset);
   }
 };
 

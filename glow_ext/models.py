@@ -9,19 +9,11 @@ models, a zero-initialised linear map of the one-hot label.
 Densities are in nats over the continuous input; `bits_per_dim` turns the density of a
 dequantized input in [-0.5, 0.5) into bits per dimension of the discrete data.
 
-About caching the inverse of the LU weights for sampling: there is no cache, because nothing
-could be reused. `decode`/`sample` invert every fused step through the kernel's inverse op
-(`ActNormInvConv2d.reverse` -> `glow_ext.ops.actnorm_invconv_lu_inverse`), whose only inputs are
-the LU factors themselves; the op forms the folded inverse map inside the kernel on every call
-(two C x C triangular solves, ~C³/3 multiply-adds each, or - in the factored path for C > 192 with
-fewer pixels than channels - triangular solves applied straight to the data, with no C x C
-inverse at all). A Python-side cache of W⁻¹ could only be used by bypassing the inverse op with a
-plain matmul, which this model does not do. The per-call inverse is cheap next to applying it:
-at the paper's sizes (C <= 48 for 3x32x32, L = 3) C³ is ~1e5 multiply-adds against C²·N·H·W for
-the per-pixel product. Measured on the 2-core CPU (batch 64; C = 12, 24, 48 at 16², 8², 4²): the
-inverse op takes 0.05-0.06 ms against 0.03-0.05 ms for the forward op, and a plain-PyTorch matmul
-with a precomputed inverse was no faster (0.06-0.09 ms); only at batch 1 would such a bypass save
-~0.03 ms per step.
+Inverses of the LU weights: `sample` (and `decode` under no_grad) invert each fused step with a
+cached folded inverse map, diag(exp(−logs))·W⁻¹, computed once per parameter version and applied by
+the `glow_ext.ops.channel_map` kernel; an optimizer step, load_state_dict or a move to another
+device/dtype invalidates it (see `InvConv2dLU.reverse`). When autograd needs the inverse, it runs
+the differentiable inverse op instead.
 """
 import math
 from typing import List, NamedTuple, Optional
@@ -31,6 +23,7 @@ from torch import nn
 
 from .nn import (COUPLINGS, PERMUTATIONS, ActNorm2d, ActNormInvConv2d, FlowStep, Split, ZeroConv2d,
                  gaussian_log_prob, gaussian_sample, squeeze2d, unsqueeze2d)
+from .reversible import reversible_steps
 
 __all__ = ["Glow", "GlowOutput", "GlowLevel"]
 
@@ -65,22 +58,29 @@ class GlowLevel(nn.Module):
 
 class Glow(nn.Module):
     """Glow(in_channels=3, image_size=32, K=32, L=3, hidden_channels=512, coupling="affine",
-    permutation="invconv_lu", n_classes=None, learn_top=True, class_head=False, actnorm_scale=1.0)
+    permutation="invconv_lu", n_classes=None, learn_top=True, class_head=False, actnorm_scale=1.0,
+    reversible=False)
 
     coupling: "affine" | "additive". permutation: "invconv_lu" (fused ActNorm + LU 1x1 conv
     kernels) | "invconv" (dense W with slogdet, the baseline) | "shuffle" | "reverse".
     n_classes: a class-conditional top prior (y, int64 labels (N,), is then required everywhere a
     prior is used); class_head: also predict the class from the top z (needs n_classes).
     ActNorm initialises from the first batch seen in train mode (run it eagerly before compiling).
+    reversible: backprop through each level's K steps by reconstructing every step's input from its
+    output (glow_ext.reversible) instead of storing activations, so that training memory does not
+    grow with K. Same gradients, ~4/3 of the compute, no double backward; under torch.compile the
+    reversible levels graph-break and run eagerly. The first (ActNorm-initialising) forward runs
+    the ordinary way.
 
-    Inverse of the LU weights: not cached - see the module docstring (the inverse op takes only
-    the LU factors and recomputes the small C x C inverse map itself on each call).
+    Sampling reuses cached inverse maps of the LU weights until a parameter changes (see the module
+    docstring).
     """
 
     def __init__(self, in_channels: int = 3, image_size: int = 32, K: int = 32, L: int = 3,
                  hidden_channels: int = 512, coupling: str = "affine",
                  permutation: str = "invconv_lu", n_classes: Optional[int] = None,
-                 learn_top: bool = True, class_head: bool = False, actnorm_scale: float = 1.0):
+                 learn_top: bool = True, class_head: bool = False, actnorm_scale: float = 1.0,
+                 reversible: bool = False):
         super().__init__()
         for name, value in (("in_channels", in_channels), ("image_size", image_size), ("K", K),
                             ("L", L), ("hidden_channels", hidden_channels)):
@@ -111,6 +111,7 @@ class Glow(nn.Module):
         self.n_classes = n_classes
         self.learn_top = learn_top
         self.actnorm_scale = actnorm_scale
+        self.reversible = bool(reversible)
 
         levels, channels, size = [], in_channels, image_size
         self.z_shapes = []  # (C, H, W) of each z, the top last
@@ -233,15 +234,26 @@ class Glow(nn.Module):
         h = x
         for level in self.levels:
             h = squeeze2d(h)
-            for step in level.steps:
-                h, step_logdet = step(h)
-                logdet = logdet + step_logdet
+            if self._backprop_reversibly(level):
+                h, level_logdet = reversible_steps(level.steps, h)
+                logdet = logdet + level_logdet
+            else:
+                for step in level.steps:
+                    h, step_logdet = step(h)
+                    logdet = logdet + step_logdet
             if level.split is not None:
                 h, z, z_log_p = level.split(h)
                 zs.append(z)
                 log_prob = log_prob + z_log_p
         zs.append(h)
         return zs, logdet, log_prob
+
+    def _backprop_reversibly(self, level: GlowLevel) -> bool:
+        if not (self.reversible and torch.is_grad_enabled()):
+            return False
+        # The data-dependent ActNorm init needs the ordinary forward pass.
+        return all(layer._initialized for layer in level.modules()
+                   if isinstance(layer, (ActNorm2d, ActNormInvConv2d)))
 
     def _check_latents(self, zs) -> None:
         if not isinstance(zs, (list, tuple)) or len(zs) != self.L:
@@ -293,7 +305,7 @@ class Glow(nn.Module):
                 f"L={self.L}, hidden_channels={self.hidden_channels}, coupling={self.coupling!r}, "
                 f"permutation={self.permutation!r}, n_classes={self.n_classes}, "
                 f"learn_top={self.learn_top}, class_head={self.class_head is not None}, "
-                f"actnorm_scale={self.actnorm_scale}")
+                f"actnorm_scale={self.actnorm_scale}, reversible={self.reversible}")
 
 
 def _max_levels(image_size: int) -> int:

@@ -86,12 +86,25 @@ class _DataDependentActNorm:
             self.initialize(x)
 
 
+def _versions(tensors):
+    """Changes whenever one of the tensors is modified in place (optimizer step, load_state_dict)
+    or replaced (`.to()`, `.double()`)."""
+    return tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in tensors)
+
+
 class InvConv2dLU(nn.Module):
     """The LU-parametrised invertible 1x1 convolution alone, on the fused op with an identity ActNorm.
 
-    W = P·L·(U + diag(sign_s·exp(log_s))); logdet = H·W·Σ log_s (0-dim); the inverse goes through
-    the op's triangular solves. `bias` and `logs` are zero non-persistent buffers (not in the
-    state_dict), so the layer's state is exactly perm, lower, upper, log_s, sign_s.
+    W = P·L·(U + diag(sign_s·exp(log_s))); logdet = H·W·Σ log_s (0-dim). `bias` and `logs` are zero
+    non-persistent buffers (not in the state_dict), so the layer's state is exactly perm, lower,
+    upper, log_s, sign_s.
+
+    reverse: when autograd needs the inverse (grad mode with y or a parameter requiring grad) it runs
+    the differentiable inverse op (triangular solves on every call). Otherwise - sampling, or decode
+    under no_grad - the folded inverse map diag(exp(−logs))·W⁻¹ is computed once and cached, and each
+    call is one `glow_ext.ops.channel_map` pass over the pixels. The cache is keyed on the version
+    counters and storages of the parameters and buffers, so an optimizer step, load_state_dict or a
+    move to another device or dtype invalidates it.
     """
 
     def __init__(self, num_channels: int, generator=None):
@@ -107,6 +120,7 @@ class InvConv2dLU(nn.Module):
         self.log_s = nn.Parameter(log_s)
         self.register_buffer("perm", perm)
         self.register_buffer("sign_s", sign_s)
+        self._inverse_cache = None  # (key, weight, offset) of the folded inverse map
 
     def _register_actnorm(self, num_channels: int) -> None:
         self.register_buffer("bias", torch.zeros(num_channels), persistent=False)
@@ -119,7 +133,30 @@ class InvConv2dLU(nn.Module):
         return ops.actnorm_invconv_lu(x, *self._params())
 
     def reverse(self, y: torch.Tensor) -> torch.Tensor:
-        return ops.actnorm_invconv_lu_inverse(y, *self._params())
+        params = self._params()
+        needs_autograd = torch.is_grad_enabled() and (
+            y.requires_grad or any(t.requires_grad for t in params))
+        if needs_autograd or torch.compiler.is_compiling():
+            return ops.actnorm_invconv_lu_inverse(y, *params)
+        return ops.channel_map(y, *self.inverse_map(reference.accumulation_dtype(y)))
+
+    @torch.no_grad()
+    def inverse_map(self, dtype: torch.dtype = torch.float32):
+        """(weight (C, C), offset (C,)) with x = weight·y + offset the layer's inverse per pixel,
+        in `dtype`; cached until a parameter changes. Computed in float64 from two triangular
+        solves: the LU factors of a rotation are far worse conditioned than W itself."""
+        key = (dtype, _versions(self._params()))
+        if self._inverse_cache is None or self._inverse_cache[0] != key:
+            c = self.num_channels
+            unit_lower, upper_factor = reference.lu_factors(
+                self.lower, self.upper, self.log_s, self.sign_s, torch.float64)
+            perm_transposed = torch.eye(c, dtype=torch.float64, device=self.lower.device)[:, self.perm]
+            w_inv = torch.linalg.solve_triangular(unit_lower, perm_transposed, upper=False,
+                                                  unitriangular=True)
+            w_inv = torch.linalg.solve_triangular(upper_factor, w_inv, upper=True)
+            weight = w_inv * (-self.logs.to(torch.float64)).exp().unsqueeze(1)
+            self._inverse_cache = (key, weight.to(dtype), (-self.bias).to(dtype))
+        return self._inverse_cache[1:]
 
     def weight(self) -> torch.Tensor:
         """The assembled C x C matrix W (for inspection; the ops never need it)."""
@@ -352,48 +389,69 @@ def _coupling_halves(num_channels: int):
     return passive, num_channels - passive
 
 
-class AffineCoupling(nn.Module):
-    """x = (x_a, x_b) (first C//2 channels, the rest); h = NN(x_a) = (h_t, h_s);
-    scale = sigmoid(h_s + 2), y_b = (x_b + h_t)·scale, y = (x_a, y_b), logdet = Σ log scale (N,)."""
+class _Coupling(nn.Module):
+    """x = (x_a, x_b) (first C//2 channels, the rest); the network sees x_a and transforms x_b.
 
-    def __init__(self, num_channels: int, hidden_channels: int = 512):
+    Subclasses define `_transform(x_b, h) -> (y_b, logdet)` and `_untransform(y_b, h) -> x_b` for
+    the network output h = NN(x_a). `rebuild` serves reversible backprop (glow_ext.reversible)."""
+
+    def __init__(self, num_channels: int, hidden_channels: int, out_per_active: int):
         super().__init__()
         self.num_channels = num_channels
         self.passive, self.active = _coupling_halves(num_channels)
-        self.nn = CouplingNN(self.passive, 2 * self.active, hidden_channels)
-
-    def _shift_logscale(self, x_a):
-        h = self.nn(x_a)
-        return h[:, :self.active], F.logsigmoid(h[:, self.active:] + 2.0)
+        self.nn = CouplingNN(self.passive, out_per_active * self.active, hidden_channels)
 
     def forward(self, x: torch.Tensor):
         x_a, x_b = x[:, :self.passive], x[:, self.passive:]
-        shift, log_scale = self._shift_logscale(x_a)
-        y_b = (x_b + shift) * log_scale.exp()
-        return torch.cat([x_a, y_b], dim=1), log_scale.flatten(1).sum(1)
+        y_b, logdet = self._transform(x_b, self.nn(x_a))
+        return torch.cat([x_a, y_b], dim=1), logdet
 
     def reverse(self, y: torch.Tensor) -> torch.Tensor:
         y_a, y_b = y[:, :self.passive], y[:, self.passive:]
-        shift, log_scale = self._shift_logscale(y_a)
-        return torch.cat([y_a, y_b * (-log_scale).exp() - shift], dim=1)
+        return torch.cat([y_a, self._untransform(y_b, self.nn(y_a))], dim=1)
+
+    def rebuild(self, y: torch.Tensor):
+        """Inverts the layer and rebuilds its forward graph with a single pass of the network.
+
+        Returns (x_a, x_b, y_b, logdet): x_a, x_b are leaves that require grad and hold the input;
+        y_b (recomputed) and logdet hang off them and the parameters. Call with grad enabled."""
+        x_a = y[:, :self.passive].detach().requires_grad_()
+        h = self.nn(x_a)
+        x_b = self._untransform(y[:, self.passive:], h.detach()).detach().requires_grad_()
+        y_b, logdet = self._transform(x_b, h)
+        return x_a, x_b, y_b, logdet
 
 
-class AdditiveCoupling(nn.Module):
+class AffineCoupling(_Coupling):
+    """h = NN(x_a) = (h_t, h_s); scale = sigmoid(h_s + 2), y_b = (x_b + h_t)·scale, y = (x_a, y_b),
+    logdet = Σ log scale (N,)."""
+
+    def __init__(self, num_channels: int, hidden_channels: int = 512):
+        super().__init__(num_channels, hidden_channels, out_per_active=2)
+
+    def _shift_logscale(self, h):
+        return h[:, :self.active], F.logsigmoid(h[:, self.active:] + 2.0)
+
+    def _transform(self, x_b, h):
+        shift, log_scale = self._shift_logscale(h)
+        return (x_b + shift) * log_scale.exp(), log_scale.flatten(1).sum(1)
+
+    def _untransform(self, y_b, h):
+        shift, log_scale = self._shift_logscale(h)
+        return y_b * (-log_scale).exp() - shift
+
+
+class AdditiveCoupling(_Coupling):
     """y_b = x_b + NN(x_a), y_a = x_a; logdet 0."""
 
     def __init__(self, num_channels: int, hidden_channels: int = 512):
-        super().__init__()
-        self.num_channels = num_channels
-        self.passive, self.active = _coupling_halves(num_channels)
-        self.nn = CouplingNN(self.passive, self.active, hidden_channels)
+        super().__init__(num_channels, hidden_channels, out_per_active=1)
 
-    def forward(self, x: torch.Tensor):
-        x_a, x_b = x[:, :self.passive], x[:, self.passive:]
-        return torch.cat([x_a, x_b + self.nn(x_a)], dim=1), _zero_logdet(x)
+    def _transform(self, x_b, h):
+        return x_b + h, _zero_logdet(x_b)
 
-    def reverse(self, y: torch.Tensor) -> torch.Tensor:
-        y_a, y_b = y[:, :self.passive], y[:, self.passive:]
-        return torch.cat([y_a, y_b - self.nn(y_a)], dim=1)
+    def _untransform(self, y_b, h):
+        return y_b - h
 
 
 LOG_2PI = math.log(2 * math.pi)
@@ -479,18 +537,24 @@ class FlowStep(nn.Module):
         self.coupling = coupling_cls(num_channels, hidden_channels)
 
     def forward(self, x: torch.Tensor):
+        u, logdet = self.normalize_and_permute(x)
+        y, ld = self.coupling(u)
+        return y, logdet + ld
+
+    def normalize_and_permute(self, x: torch.Tensor):
+        """The step before its coupling: (u, logdet (N,))."""
         logdet = x.new_zeros(x.shape[0])
         if self.actnorm is not None:
             x, ld = self.actnorm(x)
             logdet = logdet + ld
-        x, ld = self.permute(x)
-        logdet = logdet + ld
-        x, ld = self.coupling(x)
-        return x, logdet + ld
+        u, ld = self.permute(x)
+        return u, logdet + ld
 
     def reverse(self, y: torch.Tensor) -> torch.Tensor:
-        x = self.coupling.reverse(y)
-        x = self.permute.reverse(x)
+        return self.unpermute_and_denormalize(self.coupling.reverse(y))
+
+    def unpermute_and_denormalize(self, u: torch.Tensor) -> torch.Tensor:
+        x = self.permute.reverse(u)
         if self.actnorm is not None:
             x = self.actnorm.reverse(x)
         return x

@@ -34,7 +34,7 @@ except ImportError as error:  # pragma: no cover - exercised by the CPU-only/fal
         stacklevel=2,
     )
 
-__all__ = ["actnorm_invconv_lu", "actnorm_invconv_lu_inverse", "kernels_available"]
+__all__ = ["actnorm_invconv_lu", "actnorm_invconv_lu_inverse", "channel_map", "kernels_available"]
 
 
 def kernels_available() -> bool:
@@ -53,6 +53,15 @@ def actnorm_invconv_lu_inverse(y, bias, logs, perm, lower, upper, log_s, sign_s)
     if _C is None:
         return reference.actnorm_invconv_lu_inverse(y, bias, logs, perm, lower, upper, log_s, sign_s)
     return torch.ops.glow_ext.actnorm_invconv_lu_inverse(y, bias, logs, perm, lower, upper, log_s, sign_s)
+
+
+def channel_map(x, weight, offset):
+    """y = weight·x + offset at every pixel, for a (C, C) map and (C,) offset precomputed by the
+    caller (the layers' cached inverse). weight and offset are in x's accumulation dtype: float64 for
+    float64 x, float32 otherwise."""
+    if _C is None:
+        return reference.channel_map(x, weight, offset)
+    return torch.ops.glow_ext.channel_map(x, weight, offset)
 
 
 _PARAM_NAMES = ("bias", "logs", "perm", "lower", "upper", "log_s", "sign_s")
@@ -91,6 +100,33 @@ if _C is not None:
             torch.empty_like(upper),
             torch.empty_like(log_s),
         )
+
+    @torch.library.register_fake("glow_ext::channel_map")
+    def _channel_map_fake(x, weight, offset):
+        op = "glow_ext::channel_map"
+        torch._check(x.dim() == 4, lambda: f"{op}: `x` must be 4-D (N, C, H, W), got {tuple(x.shape)}")
+        for name, tensor in (("weight", weight), ("offset", offset)):
+            if tensor.device != x.device:
+                raise RuntimeError(f"{op}: `{name}` is on {tensor.device} but `x` is on {x.device}; "
+                                   "all arguments must be on one device")
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+    def _channel_map_setup_context(ctx, inputs, output):
+        x, weight, _ = inputs
+        ctx.save_for_backward(x, weight)
+
+    def _channel_map_backward(ctx, grad_y):
+        x, weight = ctx.saved_tensors
+        grad_x = torch.ops.glow_ext.channel_map(grad_y, weight.T.contiguous(), weight.new_zeros(weight.shape[0]))
+        grad_weight = grad_offset = None
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            g = grad_y.to(weight.dtype)
+            grad_weight = torch.einsum("nihw,njhw->ij", g, x.to(weight.dtype))
+            grad_offset = g.sum(dim=(0, 2, 3))
+        return grad_x, grad_weight, grad_offset
+
+    torch.library.register_autograd(
+        "glow_ext::channel_map", _channel_map_backward, setup_context=_channel_map_setup_context)
 
     def _forward_setup_context(ctx, inputs, output):
         ctx.save_for_backward(*inputs)

@@ -50,3 +50,10 @@ def actnorm_invconv_lu_inverse(y, bias, logs, perm, lower, upper, log_s, sign_s)
     v = torch.linalg.solve_triangular(upper_factor, v, upper=True)
     x = v * (-logs.to(acc)).exp().unsqueeze(1) - bias.to(acc).unsqueeze(1)
     return x.view(c, n, h, w).transpose(0, 1).contiguous().to(y.dtype)
+
+
+def channel_map(x, weight, offset):
+    """y = weight·x + offset at every pixel; weight (C, C), offset (C,) in x's accumulation dtype."""
+    acc = accumulation_dtype(x)
+    y = torch.einsum("ij,njhw->nihw", weight.to(acc), x.to(acc)) + offset.to(acc).view(1, -1, 1, 1)
+    return y.to(x.dtype)

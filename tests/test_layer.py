@@ -263,3 +263,81 @@ def test_training_step_keeps_invertibility(device):
     with torch.no_grad():
         y, _ = layer(x)
         assert_rel_close(layer.reverse(y), x, 1e-5, "after training")
+
+
+# ----------------------------------------------------------------------------------------------
+# the cached inverse map (sampling path of reverse)
+# ----------------------------------------------------------------------------------------------
+
+def _count_inverse_op_calls(monkeypatch):
+    calls = []
+    original = ops.actnorm_invconv_lu_inverse
+    monkeypatch.setattr(ops, "actnorm_invconv_lu_inverse", lambda *a: calls.append(1) or original(*a))
+    return calls
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("C", [3, 48, 257])
+def test_cached_inverse_matches_inverse_op(C, dtype, device, monkeypatch):
+    layer = make_layer(C, device).to(dtype).train()
+    x = skewed_input((2, C, 3, 5), device).to(dtype)
+    layer(x)
+    y = torch.randn_like(x)
+    expected = ops.actnorm_invconv_lu_inverse(y, *layer._params()).detach()
+    calls = _count_inverse_op_calls(monkeypatch)
+    with torch.no_grad():
+        first = layer.reverse(y)
+        cached = layer._inverse_cache
+        second = layer.reverse(y)
+    assert not calls, "no_grad reverse must not run the per-call inverse op"
+    assert layer._inverse_cache is cached, "a second call must reuse the cached map"
+    assert torch.equal(first, second)
+    tol = 1e-12 if dtype == torch.float64 else (1e-5 if C < 100 else 3e-5)
+    assert_rel_close(first, expected, tol, "cached vs op")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_cache_invalidated_by_optimizer_step_load_state_dict_and_dtype(device):
+    layer = make_layer(6, device).train()
+    x = skewed_input((4, 6, 3, 3), device)
+    optimiser = torch.optim.Adam(layer.parameters(), lr=0.05)
+
+    def check(label):
+        y = torch.randn_like(x)
+        with torch.no_grad():
+            got = layer.reverse(y)
+        expected = ops.actnorm_invconv_lu_inverse(y, *layer._params()).detach()
+        assert_rel_close(got, expected, 1e-12 if y.dtype == torch.float64 else 1e-5, label)
+
+    layer(x)
+    check("after init")
+    for step in range(2):
+        optimiser.zero_grad()
+        y, logdet = layer(x)
+        (0.5 * y.square().mean() - logdet / x.numel()).backward()
+        optimiser.step()
+        check(f"after optimizer step {step}")
+    other = make_layer(6, device, seed=9).train()
+    other(skewed_input((4, 6, 3, 3), device, seed=5))
+    layer.load_state_dict(other.state_dict())
+    check("after load_state_dict")
+    with torch.no_grad():
+        layer.lower.add_(0.1)
+    check("after an in-place edit")
+    layer.double()
+    x = x.double()
+    check("after .double()")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_reverse_with_autograd_uses_the_differentiable_op(device, monkeypatch):
+    layer = make_layer(5, device).train()
+    x = skewed_input((3, 5, 4, 4), device)
+    layer(x)
+    calls = _count_inverse_op_calls(monkeypatch)
+    y = torch.randn_like(x)
+    out = layer.reverse(y)
+    assert calls and out.requires_grad
+    out.square().sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in layer.parameters())

@@ -193,21 +193,41 @@ def test_round_trip_deep_model_after_training(device):
     assert max_rel_error(x_back, x) <= 1e-4
 
 
-def test_decode_goes_through_the_inverse_kernel(monkeypatch):
-    model = initialise(small_glow(K=3, L=2), rand_image((4, 3, 8, 8)))
+def _count_calls(monkeypatch, name):
     calls = []
-    original = glow_ext.ops.actnorm_invconv_lu_inverse
+    original = getattr(glow_ext.ops, name)
+    monkeypatch.setattr(glow_ext.ops, name, lambda *args: calls.append(1) or original(*args))
+    return calls
 
-    def counting(*args):
-        calls.append(args[0].shape)
-        return original(*args)
 
-    monkeypatch.setattr(glow_ext.ops, "actnorm_invconv_lu_inverse", counting)
+def test_sampling_uses_cached_inverse_maps_until_parameters_change(monkeypatch):
+    """decode/sample under no_grad: one cached-map kernel call per fused step, no per-call inverse;
+    with autograd: the differentiable inverse op. An optimizer step invalidates every cached map."""
+    model = initialise(small_glow(K=3, L=2), rand_image((4, 3, 8, 8)))
+    inverse_calls = _count_calls(monkeypatch, "actnorm_invconv_lu_inverse")
+    map_calls = _count_calls(monkeypatch, "channel_map")
+    zs = model.encode(rand_image((2, 3, 8, 8)))
     with torch.no_grad():
-        model.decode(model.encode(rand_image((2, 3, 8, 8))))
-        assert len(calls) == 3 * 2
+        model.decode(zs)
         model.sample(2, temperature=0.5)
-        assert len(calls) == 2 * 3 * 2
+    assert (len(inverse_calls), len(map_calls)) == (0, 2 * 3 * 2)
+    caches = [m._inverse_cache for m in model.modules() if isinstance(m, gnn.ActNormInvConv2d)]
+    with torch.no_grad():
+        model.sample(2, temperature=0.5)
+    assert caches == [m._inverse_cache for m in model.modules() if isinstance(m, gnn.ActNormInvConv2d)]
+
+    x = rand_image((4, 3, 8, 8))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    optimizer.zero_grad()
+    model.bits_per_dim(x, 256).mean().backward()
+    optimizer.step()
+    zs = [z.detach() for z in model.encode(x)]
+    with_autograd = model.decode(zs)
+    assert len(inverse_calls) == 3 * 2 and with_autograd.requires_grad
+    with torch.no_grad():
+        cached = model.decode(zs)
+    assert max_rel_error(cached, with_autograd.detach()) <= 1e-5
+    assert max_rel_error(cached, x) <= 1e-4
 
 
 @pytest.mark.parametrize("permutation", PERMUTATIONS)

@@ -814,3 +814,82 @@ def test_cuda_bad_dtype_and_shape():
         ops.actnorm_invconv_lu(x.half(), *cast_params(params, torch.float64))
     with pytest.raises(RuntimeError, match=r"`perm` must be int64"):
         ops.actnorm_invconv_lu(x, *_replace(params, perm=params[2].int()))
+
+
+# ----------------------------------------------------------------------------------------------
+# channel_map: a precomputed per-pixel affine map (the layers' cached inverse)
+# ----------------------------------------------------------------------------------------------
+
+def _channel_map_inputs(shape, dtype, device, seed=11):
+    g = make_generator(seed)
+    C = shape[1]
+    acc = reference.accumulation_dtype(torch.empty((), dtype=dtype))
+    x = make_input(shape, generator=g).to(device=device, dtype=dtype)
+    weight = (torch.randn(C, C, generator=g, dtype=torch.float64) / C ** 0.5).to(device=device, dtype=acc)
+    offset = torch.randn(C, generator=g, dtype=torch.float64).to(device=device, dtype=acc)
+    return x, weight, offset
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(3, 5, 7, 3), (2, 48, 4, 4), (1, 65, 7, 3), (2, 520, 3, 3)],
+                         ids=["C5", "C48", "C65", "C520-gemm"])
+def test_channel_map_matches_dense_float64(shape, dtype, device):
+    x, weight, offset = _channel_map_inputs(shape, dtype, device)
+    y = ops.channel_map(x, weight, offset)
+    expected = torch.einsum("ij,njhw->nihw", weight.double(), x.double()) + offset.double().view(1, -1, 1, 1)
+    assert y.dtype == dtype and y.is_contiguous()
+    assert_rel_close(y, expected, 1e-12 if dtype == torch.float64 else 2e-6)
+    assert_rel_close(ops.channel_map(x.transpose(2, 3), weight, offset),
+                     ops.channel_map(x.transpose(2, 3).contiguous(), weight, offset), 0)
+
+
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", REDUCED_DTYPES)
+@pytest.mark.parametrize("C", [12, 96])
+def test_cuda_channel_map_reduced_precision(C, dtype):
+    x, weight, offset = _channel_map_inputs((4, C, 8, 8), dtype, "cuda")
+    expected = reference.channel_map(x.float(), weight, offset)
+    assert_rel_close(ops.channel_map(x, weight, offset).float(), expected, 1e-2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_channel_map_gradcheck_and_opcheck(device):
+    x, weight, offset = _channel_map_inputs((2, 5, 3, 3), torch.float64, device)
+    inputs = [t.clone().requires_grad_() for t in (x, weight, offset)]
+    assert torch.autograd.gradcheck(ops.channel_map, inputs)
+    x32, w32, o32 = (t.float().requires_grad_() for t in _channel_map_inputs((2, 7, 2, 3), torch.float32, device))
+    torch.library.opcheck(torch.ops.glow_ext.channel_map.default, (x32, w32, o32))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_channel_map_empty_batch(device):
+    _, weight, offset = _channel_map_inputs((1, 6, 2, 2), torch.float32, device)
+    assert ops.channel_map(torch.empty(0, 6, 2, 2, device=device), weight, offset).shape == (0, 6, 2, 2)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (lambda x, w, o: (x[0], w, o), r"channel_map: `x` must be 4-D"),
+    (lambda x, w, o: (x, w[:, :4], o), r"`weight` must have shape \(C, C\) = \(5, 5\)"),
+    (lambda x, w, o: (x, w, o[:4]), r"`offset` must have shape \(C,\) = \(5,\)"),
+    (lambda x, w, o: (x, w.double(), o), r"`weight` must be Float \(the accumulation dtype of Float input\), got Double"),
+    (lambda x, w, o: (x.double(), w, o.double()), r"`weight` must be Double"),
+    (lambda x, w, o: (x.half(), w, o), r"`x` must be float32 or float64 on the CPU"),
+    (lambda x, w, o: (x.int(), w, o), r"`x` must be float32 or float64"),
+])
+def test_channel_map_bad_inputs(bad, message):
+    x, weight, offset = _channel_map_inputs((2, 5, 3, 3), torch.float32, "cpu")
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.glow_ext.channel_map(*bad(x, weight, offset))
+
+
+def test_channel_map_arguments_on_different_devices():
+    x, weight, offset = _channel_map_inputs((2, 5, 3, 3), torch.float32, "cpu")
+    cpu_only = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
+    with pytest.raises(RuntimeError, match=r"`offset` is on meta but `x` is on cpu"):
+        torch.ops.glow_ext.channel_map.default.redispatch(cpu_only, x, weight, offset.to("meta"))
+    with pytest.raises(RuntimeError, match=r"`weight` is on meta but `x` is on cpu"):
+        torch.ops.glow_ext.channel_map.default.redispatch(cpu_only, x, weight.to("meta"), offset)
+    with pytest.raises(RuntimeError, match=r"`offset` is on cpu but `x` is on meta"):
+        ops.channel_map(x.to("meta"), weight.to("meta"), offset)  # the fake kernel's check
