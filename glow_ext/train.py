@@ -61,7 +61,7 @@ DEFAULTS = dict(
     min_lr_ratio=0.0, weight_decay=0.0, grad_clip=50.0, optimizer="adam", ema=0.0, dropout=0.0,
     eval_every=1000, sample_every=5000, checkpoint_every=None, log_every=100, eval_batch_size=512,
     n_samples=64, temperature=0.7, seed=0, out=None, device="auto", amp="none",
-    time_limit=None,
+    time_limit=None, reversible=False,
 )
 DATASET_DEFAULTS = {
     "digits": dict(K=8, L=3, hidden=64, dropout=0.2, logit_alpha=0.002, steps=3000, lr=2e-3,
@@ -164,6 +164,10 @@ def add_train_arguments(parser) -> None:
                    "already holds a checkpoint (it is overwritten)")
     g.add_argument("--device", help="auto (default: cuda if available), cpu, cuda, cuda:N")
     g.add_argument("--amp", choices=AMP_MODES, help="bf16: autocast to bfloat16 (CUDA only)")
+    g.add_argument("--reversible", action="store_const", const=True,
+                   help="reversible backprop: recompute each flow step's input from its output in "
+                   "the backward pass instead of storing activations (memory flat in K, ~4/3 the "
+                   "compute, same gradients); kept by --resume")
     g.add_argument("--time-limit", type=float, help="stop cleanly after this many seconds")
     g.add_argument("--eval-every", type=int, help=f"test bpd every N steps (default {d['eval_every']})")
     g.add_argument("--sample-every", type=int, help=f"sample grid every N steps, 0 = only at the end "
@@ -327,7 +331,8 @@ def build_model(config: dict, image_shape, n_classes: int = 0) -> nn.Module:
                     permutation=config["permutation"],
                     n_classes=n_classes if config["conditional"] else None,
                     learn_top=config["learn_top"], class_head=config["class_weight"] > 0,
-                    actnorm_scale=config["actnorm_scale"])
+                    actnorm_scale=config["actnorm_scale"],
+                    reversible=bool(config.get("reversible")))
     except ValueError as e:
         raise TrainingError(f"cannot build the model: {e}") from e
     alpha = config.get("logit_alpha") or 0.0
@@ -856,7 +861,8 @@ def _train(config, checkpoint, ctx: DistContext, out: Path, force: bool) -> dict
               f"{'x'.join(map(str, image_shape))}, {n_bins} levels) on {device}"
               f"{f' x {ctx.world_size} processes' if ctx.active else ''}; Glow K={config['K']} "
               f"L={config['L']} hidden={config['hidden']} {config['coupling']} {config['permutation']}"
-              f"{' conditional' if n_classes else ''}: {n_params:,} parameters; steps {step} -> "
+              f"{' conditional' if n_classes else ''}{' reversible' if config['reversible'] else ''}: "
+              f"{n_params:,} parameters; steps {step} -> "
               f"{steps_total} ({spe} per epoch), batch {batch_size}, {config['optimizer']} lr {config['lr']}")
 
     t_start = time.perf_counter()

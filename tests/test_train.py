@@ -88,6 +88,20 @@ def test_epochs_time_limit_and_ema(tmp_path):
     assert (run / "best.pt").is_file() and summary["final_test_bpd"] is not None
 
 
+def test_reversible_run_gives_the_ordinary_losses(tmp_path):
+    """--reversible (with the digits default coupling dropout, whose masks it replays) trains like
+    the ordinary model: same losses up to float rounding."""
+    common = ["train", *TINY, "--steps", "5", "--eval-every", "5"]
+    assert main([*common, "--out", str(tmp_path / "ordinary")]) == 0
+    assert main([*common, "--reversible", "--out", str(tmp_path / "reversible")]) == 0
+    a, b = train_losses(tmp_path / "ordinary"), train_losses(tmp_path / "reversible")
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5]
+    for step in a:
+        assert abs(a[step] - b[step]) <= 1e-5 * abs(a[step]), (step, a[step], b[step])
+    config = json.loads((tmp_path / "reversible" / "config.json").read_text())
+    assert config["reversible"] is True and config["dropout"] > 0
+
+
 # --------------------------------------------------------------------------------------------------
 # Resume
 
@@ -280,7 +294,9 @@ def test_unconditional_sample_refuses_a_label(tmp_path, capsys):
 # --------------------------------------------------------------------------------------------------
 # DDP on gloo
 
-def test_torchrun_two_ranks_match_one(tmp_path):
+@pytest.mark.parametrize("two_rank_flags", [[], ["--reversible"]], ids=["standard", "reversible"])
+def test_torchrun_two_ranks_match_one(tmp_path, two_rank_flags):
+    """Also: a reversible model under DDP trains like the ordinary one-process model."""
     torchrun = Path(sys.executable).with_name("torchrun")
     if not torchrun.exists():
         pytest.skip("torchrun is not installed next to this python")
@@ -293,7 +309,8 @@ def test_torchrun_two_ranks_match_one(tmp_path):
     one = run_cli([*args, "--out", str(tmp_path / "one")])
     assert one.returncode == 0, one.stderr
     two = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "glow_ext",
-                          *args, "--out", str(tmp_path / "two")], cwd=ROOT, env=env_for_subprocess(),
+                          *args, *two_rank_flags, "--out", str(tmp_path / "two")], cwd=ROOT,
+                         env=env_for_subprocess(),
                          capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
     assert two.returncode == 0, two.stderr[-4000:]
     assert "x 2 processes" in two.stderr
