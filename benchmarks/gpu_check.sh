@@ -10,14 +10,22 @@
 #   info       glow_ext.build_info(); fails unless the CUDA kernels are loaded and a GPU is visible
 #   tests      python3 -m pytest tests -q -k cuda
 #   bench      python3 -m glow_ext bench-ops --device cuda --out $OUTDIR/ops-cuda.json
+#   suite      python3 -m glow_ext bench --device cuda --out $OUTDIR/suite   (logdet/inverse cost
+#              against C, the layer at Glow's level shapes with GB/s against the device copy and the
+#              host-sync check, a whole Glow training step and sampling; JSON, PNGs, SUMMARY-cuda.md)
+#   reversible python3 -m glow_ext bench-reversible --device cuda --out $OUTDIR (memory and step time
+#              of reversible vs ordinary backprop, K = 8, 16, 32), then benchmarks/bench_inverse_cache.py
+#              --device cuda (sampling with the cached inverse maps)
 #   sanitizer  the CUDA tests again under compute-sanitizer --tool memcheck, with what time is left
 #              (a missing tool or a tool that fails to start is logged, never fatal)
-# The benchmark runs before the sanitizer so that a slow memcheck cannot starve it.
+# The benchmarks run before the sanitizer so that a slow memcheck cannot starve them.
 #
 # Output, flat: $OUT if set (the device machine's output folder), else
-# benchmarks/results/gpu-check-<UTC date>/: build.log tests.log bench.log sanitizer.log
-# ops-cuda.json summary.txt. Exit status: non-zero iff the build (or build_info) or the CUDA tests
-# failed; the benchmark's targets and the sanitizer are reported in summary.txt only.
+# benchmarks/results/gpu-check-<UTC date>/: build.log tests.log bench.log suite.log sanitizer.log
+# ops-cuda.json summary.txt, and suite/ ({logdet,layers,e2e}-cuda.json, *.png, SUMMARY-cuda.md: copy
+# suite/ into benchmarks/results/ and run `glow-ext bench --device cuda --render-only --update-readme`
+# to publish them). Exit status: non-zero iff the build (or build_info) or the CUDA tests failed; the
+# benchmarks' targets, the suite and the sanitizer are reported in summary.txt only.
 #
 # Knobs: PYTHON (default python3), GPU_CHECK_BUDGET_S, GPU_CHECK_PYTEST_ARGS (extra pytest args),
 # MAX_JOBS / TORCH_CUDA_ARCH_LIST (default 16 / 9.0).
@@ -108,7 +116,7 @@ else
     note "build FAILED (rc=$BUILD_RC): tests, benchmark and sanitizer skipped; see build.log"
 fi
 
-TESTS_RC=skipped BENCH_RC=skipped SAN_RC=skipped
+TESTS_RC=skipped BENCH_RC=skipped SUITE_RC=skipped REVERSIBLE_RC=skipped SAN_RC=skipped
 if [ "$BUILD_RC" -eq 0 ] && [ "$INFO_RC" -eq 0 ]; then
     # --- CUDA tests ------------------------------------------------------------------------------
     : >"$OUTDIR/tests.log"
@@ -119,6 +127,17 @@ if [ "$BUILD_RC" -eq 0 ] && [ "$INFO_RC" -eq 0 ]; then
     : >"$OUTDIR/bench.log"
     step bench 180 "$OUTDIR/bench.log" "$PY" -m glow_ext bench-ops --device cuda --out "$OUTDIR/ops-cuda.json"
     BENCH_RC=$STEP_RC
+
+    # --- benchmark suite (each part's JSON is written as soon as it is done) -----------------------
+    : >"$OUTDIR/suite.log"
+    step suite 150 "$OUTDIR/suite.log" "$PY" -m glow_ext bench --device cuda --out "$OUTDIR/suite"
+    SUITE_RC=$STEP_RC
+
+    # --- reversible backprop and the sampling cache -----------------------------------------------
+    : >"$OUTDIR/reversible.log"
+    step reversible 100 "$OUTDIR/reversible.log" "$PY" -m glow_ext bench-reversible --device cuda --out "$OUTDIR"
+    REVERSIBLE_RC=$STEP_RC
+    step cache 40 "$OUTDIR/reversible.log" "$PY" benchmarks/bench_inverse_cache.py --device cuda --out "$OUTDIR"
 
     # --- the CUDA tests under compute-sanitizer memcheck ------------------------------------------
     SAN_LOG=$OUTDIR/sanitizer.log
@@ -158,6 +177,14 @@ fi
     echo "bench: rc=$BENCH_RC (targets are never fatal)"
     if [ -f "$OUTDIR/bench.log" ]; then
         sed -n '/^summary:/,$p' "$OUTDIR/bench.log"
+    fi
+    echo "suite: rc=$SUITE_RC (not fatal)"
+    if [ -f "$OUTDIR/suite.log" ]; then
+        grep -E '^(logdet|layers|e2e): ' "$OUTDIR/suite.log"
+    fi
+    echo "reversible: rc=$REVERSIBLE_RC (not fatal)"
+    if [ -f "$OUTDIR/reversible.log" ]; then
+        grep -E '^(\| [0-9]|Targets:|.*samples: cached)' "$OUTDIR/reversible.log"
     fi
     echo "total: $(($(date +%s) - START))s"
 } >>"$SUMMARY"

@@ -3,7 +3,9 @@
 Each command is one entry of COMMANDS: (name, help, add_arguments(parser), run(args) -> exit code).
 Its module is imported only when the command runs, so `glow-ext info` stays light. To add a command
 write its two functions and append an entry. train, sample, evaluate and ablate live in
-glow_ext.cli (training itself in glow_ext.train, the datasets in glow_ext.data).
+glow_ext.cli (training itself in glow_ext.train, the datasets in glow_ext.data); bench-ops in
+glow_ext.benchmark, bench in glow_ext.bench_suite (its plots and tables in glow_ext.bench_report),
+bench-reversible in glow_ext.bench_reversible.
 """
 import argparse
 import importlib
@@ -31,6 +33,23 @@ def _bench_ops_run(args):
     return 0
 
 
+def _bench_arguments(parser):
+    importlib.import_module("glow_ext.bench_suite").add_arguments(parser)
+
+
+def _bench_run(args):
+    return importlib.import_module("glow_ext.bench_suite").run_command(args)
+
+
+def _bench_reversible_arguments(parser):
+    importlib.import_module("glow_ext.bench_reversible").add_arguments(parser)
+
+
+def _bench_reversible_run(args):
+    importlib.import_module("glow_ext.bench_reversible").run(args)
+    return 0
+
+
 def _cli_arguments(name):
     return lambda parser: getattr(importlib.import_module("glow_ext.cli"), f"{name}_arguments")(parser)
 
@@ -44,6 +63,12 @@ COMMANDS = [
      _info_arguments, _info_run),
     ("bench-ops", "benchmark the fused ActNorm + LU 1x1 conv op against pure-PyTorch baselines",
      _bench_ops_arguments, _bench_ops_run),
+    ("bench", "what LU buys: logdet/inverse cost against C, the layer at Glow's level shapes, a whole "
+              "Glow training step and sampling; JSON, plots and a markdown summary",
+     _bench_arguments, _bench_run),
+    ("bench-reversible", "reversible vs ordinary backprop: memory saved for backward, peak memory "
+                         "and step time for K = 8, 16, 32",
+     _bench_reversible_arguments, _bench_reversible_run),
     ("train", "train Glow (digits by default; cifar10, a folder of images); also under torchrun",
      _cli_arguments("train"), _cli_run("train")),
     ("sample", "write a grid of samples from a trained checkpoint as a PNG",

@@ -370,12 +370,38 @@ def time_methods(callables, sync, reps, min_time_s, warmup, grad_mode):
     return {name: summarize(samples[name], inner[name]) for name in callables}
 
 
-# --------------------------------------------------------------------------------------------------
-# CUDA extras: bandwidth and host-synchronisation check
-
-
 def _gbps(nbytes, ms):
     return nbytes / (ms * 1e-3) / 1e9
+
+
+def time_problem(pb, sync, reps, min_time_s, warmup, on_mode=None):
+    """Every mode and method of MODES at one problem: (results, ratios).
+
+    results[mode][method] is time_methods' summary, plus results["bandwidth_gbps"] (bytes read and
+    written by the forward pass over its median time, ours and clone); ratios[mode][baseline] is
+    baseline time / ours, plus ratios["forward"]["clone_over_ours"]. on_mode(mode), if given, is
+    called before each mode is timed (progress display).
+    """
+    results = {}
+    for mode in MODES:
+        if on_mode is not None:
+            on_mode(mode)
+        callables = {m: make_callable(pb, mode, m) for m in METHODS_BY_MODE[mode]}
+        results[mode] = time_methods(callables, sync, reps, min_time_s, warmup,
+                                     grad_mode=(mode == "fwd+bwd"))
+    ours_fwd = results["forward"]["ours"]["median_ms"]
+    clone_fwd = results["forward"]["clone"]["median_ms"]
+    ratios = {mode: {b: results[mode][b]["median_ms"] / results[mode]["ours"]["median_ms"]
+                     for b in BASELINES} for mode in MODES}
+    ratios["forward"]["clone_over_ours"] = clone_fwd / ours_fwd
+    nbytes = 2 * pb.x.numel() * pb.x.element_size()
+    results["bandwidth_gbps"] = {"ours_forward": _gbps(nbytes, ours_fwd),
+                                 "clone": _gbps(nbytes, clone_fwd)}
+    return results, ratios
+
+
+# --------------------------------------------------------------------------------------------------
+# CUDA extras: bandwidth and host-synchronisation check
 
 
 def cuda_bandwidth(shape, reps, min_time_s, warmup, seed):
@@ -638,20 +664,7 @@ def run(args, stream=sys.stdout):
         n, c, h, w = pb.shape
         print(f"[{index}/{len(problems)}] {label}  (C={c}, N·H·W={n * h * w}; "
               "ms per call, median; ours ±IQR; (baseline/ours); clone (x ours/clone))", file=stream)
-        results[label] = {}
-        for mode in MODES:
-            callables = {m: make_callable(pb, mode, m) for m in METHODS_BY_MODE[mode]}
-            results[label][mode] = time_methods(callables, sync, reps, min_time_s, warmup,
-                                                grad_mode=(mode == "fwd+bwd"))
-        ours_fwd = results[label]["forward"]["ours"]["median_ms"]
-        ratios[label] = {mode: {b: results[label][mode][b]["median_ms"] / results[label][mode]["ours"]["median_ms"]
-                                for b in BASELINES} for mode in MODES}
-        ratios[label]["forward"]["clone_over_ours"] = (
-            results[label]["forward"]["clone"]["median_ms"] / ours_fwd)
-        nbytes = 2 * pb.x.numel() * pb.x.element_size()
-        results[label]["bandwidth_gbps"] = {
-            "ours_forward": _gbps(nbytes, ours_fwd),
-            "clone": _gbps(nbytes, results[label]["forward"]["clone"]["median_ms"])}
+        results[label], ratios[label] = time_problem(pb, sync, reps, min_time_s, warmup)
         print_shape_table(label, results[label], stream)
     elapsed = time.perf_counter() - wall
 

@@ -149,16 +149,19 @@ def reversible_steps(steps: Sequence[FlowStep], x: torch.Tensor):
     return _ReversibleSteps.apply(x, list(steps), param_index, *params)
 
 
-def saved_tensor_bytes(fn, *args, **kwargs):
+def saved_tensor_bytes(fn, *args, exclude=(), **kwargs):
     """(result of fn(*args, **kwargs), bytes of the storages of every tensor autograd saved for
     backward during the call): a deterministic measure of activation memory. A storage is counted
-    once however many views of it are saved; parameters are counted too (they are saved like any
-    input). The storages are held until the call returns, so no address is reused meanwhile."""
+    once however many views of it are saved; storages of the tensors in `exclude` (e.g. the
+    model's parameters, which autograd saves like any input) are not counted. The storages are held
+    until the call returns, so no address is reused meanwhile."""
+    excluded = {t.untyped_storage().data_ptr() for t in exclude}
     storages = {}
 
     def pack(tensor):
         storage = tensor.untyped_storage()
-        storages[storage.data_ptr()] = storage
+        if storage.data_ptr() not in excluded:
+            storages[storage.data_ptr()] = storage
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):

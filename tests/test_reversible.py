@@ -172,6 +172,8 @@ def test_saved_tensor_bytes_counts_each_storage_once():
     assert nbytes == 4000  # two views of w: one storage
     _, nbytes = saved_tensor_bytes(lambda: (w.exp() * w).sum())
     assert nbytes == 8000  # exp's output (saved by exp and by mul) and w
+    _, nbytes = saved_tensor_bytes(lambda: (w.exp() * w).sum(), exclude=[w])
+    assert nbytes == 4000
 
 
 def test_dropout_masks_are_replayed_and_the_rng_stream_is_unchanged():
