@@ -11,7 +11,6 @@ the inverse from the LU factors on every call. Samples are checked equal before 
 Writes inverse-cache-<device>.json.
 """
 import argparse
-import datetime
 import json
 import statistics
 import sys
@@ -26,7 +25,7 @@ if (HERE.parent / "glow_ext" / "__init__.py").is_file():
 
 from glow_ext import nn as gnn  # noqa: E402
 from glow_ext import ops  # noqa: E402
-from glow_ext.benchmark import machine_info  # noqa: E402
+from glow_ext.benchmark import report_header  # noqa: E402
 from glow_ext.models import Glow  # noqa: E402
 
 CASES = (
@@ -96,10 +95,7 @@ def main(argv=None):
         print(f"{name}, {n} samples: cached {cached[0]:.2f} ms, per-call inverse op "
               f"{per_call[0]:.2f} ms -> {row['speedup']:.2f}x (samples differ by {diff:.1e})",
               flush=True)
-    result = dict(benchmark="inverse-cache", device=args.device,
-                  machine={**machine_info(device), "torch": torch.__version__,
-                           "date": datetime.date.today().isoformat()},
-                  reps=args.reps, timings="[median, min, max] ms of Glow.sample", rows=rows)
+    result = dict(benchmark="inverse-cache", **report_header(device), reps=args.reps, timings="[median, min, max] ms of Glow.sample", rows=rows)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"inverse-cache-{args.device}.json"

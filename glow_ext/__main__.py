@@ -24,59 +24,34 @@ def _info_run(args):
     return 0
 
 
-def _bench_ops_arguments(parser):
-    importlib.import_module("glow_ext.benchmark").add_arguments(parser)
-
-
-def _bench_ops_run(args):
-    importlib.import_module("glow_ext.benchmark").run(args)
-    return 0
-
-
-def _bench_arguments(parser):
-    importlib.import_module("glow_ext.bench_suite").add_arguments(parser)
-
-
-def _bench_run(args):
-    return importlib.import_module("glow_ext.bench_suite").run_command(args)
-
-
-def _bench_reversible_arguments(parser):
-    importlib.import_module("glow_ext.bench_reversible").add_arguments(parser)
-
-
-def _bench_reversible_run(args):
-    importlib.import_module("glow_ext.bench_reversible").run(args)
-    return 0
-
-
-def _cli_arguments(name):
-    return lambda parser: getattr(importlib.import_module("glow_ext.cli"), f"{name}_arguments")(parser)
-
-
-def _cli_run(name):
-    return lambda args: getattr(importlib.import_module("glow_ext.cli"), f"{name}_run")(args)
+def _lazy(module, function, exit_status=None):
+    """glow_ext.<module>.<function>, imported only when called. exit_status: what to return
+    instead of the function's result (for runs that return data or nothing)."""
+    def call(arg):
+        result = getattr(importlib.import_module(f"glow_ext.{module}"), function)(arg)
+        return result if exit_status is None else exit_status
+    return call
 
 
 COMMANDS = [
     ("info", "print how the extension was built (glow_ext.build_info()) as JSON",
      _info_arguments, _info_run),
     ("bench-ops", "benchmark the fused ActNorm + LU 1x1 conv op against pure-PyTorch baselines",
-     _bench_ops_arguments, _bench_ops_run),
+     _lazy("benchmark", "add_arguments"), _lazy("benchmark", "run", exit_status=0)),
     ("bench", "what LU buys: logdet/inverse cost against C, the layer at Glow's level shapes, a whole "
               "Glow training step and sampling; JSON, plots and a markdown summary",
-     _bench_arguments, _bench_run),
+     _lazy("bench_suite", "add_arguments"), _lazy("bench_suite", "run_command")),
     ("bench-reversible", "reversible vs ordinary backprop: memory saved for backward, peak memory "
                          "and step time for K = 8, 16, 32",
-     _bench_reversible_arguments, _bench_reversible_run),
+     _lazy("bench_reversible", "add_arguments"), _lazy("bench_reversible", "run", exit_status=0)),
     ("train", "train Glow (digits by default; cifar10, a folder of images); also under torchrun",
-     _cli_arguments("train"), _cli_run("train")),
+     _lazy("cli", "train_arguments"), _lazy("cli", "train_run")),
     ("sample", "write a grid of samples from a trained checkpoint as a PNG",
-     _cli_arguments("sample"), _cli_run("sample")),
+     _lazy("cli", "sample_arguments"), _lazy("cli", "sample_run")),
     ("evaluate", "print the test bits/dim of a trained checkpoint",
-     _cli_arguments("evaluate"), _cli_run("evaluate")),
+     _lazy("cli", "evaluate_arguments"), _lazy("cli", "evaluate_run")),
     ("ablate", "permutation ablation on digits: reverse vs shuffle vs learned 1x1 conv, 3 seeds",
-     _cli_arguments("ablate"), _cli_run("ablate")),
+     _lazy("cli", "ablate_arguments"), _lazy("cli", "ablate_run")),
 ]
 
 

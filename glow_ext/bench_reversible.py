@@ -21,7 +21,6 @@ with --update-readme the README's generated table.
 """
 import argparse
 import copy
-import datetime
 import json
 import os
 import statistics
@@ -179,13 +178,6 @@ def _run_child(what, K, mode, cfg, device, seed):
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def machine(device):
-    from .benchmark import machine_info
-
-    return {**machine_info(torch.device(device)), "torch": torch.__version__,
-            "date": datetime.date.today().isoformat()}
-
-
 def run(args):
     if args.update_readme and args.quick:
         raise SystemExit("bench-reversible: --update-readme takes full results, not --quick ones")
@@ -236,8 +228,10 @@ def run(args):
         f"saved_ratio_at_K{k_max}_ge_{SAVED_RATIO_TARGET:g}": summary[-1]["saved_ratio"] >= SAVED_RATIO_TARGET,
         f"step_time_ratio_le_{STEP_TIME_TARGET:g}": all(s["step_time_ratio"] <= STEP_TIME_TARGET for s in summary),
     }
-    result = {"benchmark": "reversible", "quick": bool(args.quick), "device": device,
-              "machine": machine(device), "config": {**cfg, "ks": list(cfg["ks"]), "L": 3,
+    from .benchmark import report_header
+
+    result = {"benchmark": "reversible", **report_header(device), "quick": bool(args.quick),
+              "config": {**cfg, "ks": list(cfg["ks"]), "L": 3,
                                                      "image": [3, 32, 32], "seed": args.seed},
               "agreement": checks, "runs": rows, "summary": summary, "targets": targets}
     name = f"reversible-{device}"
@@ -259,7 +253,7 @@ def markdown(result):
     lines = [
         f"Reversible backprop, Glow L=3 on 3x32x32, width {cfg['hidden']}, batch {cfg['batch']}, "
         f"device {result['device']} ({m.get('gpu_name') or m['cpu_model']}, {m['cpu_count']} cores, "
-        f"torch {m['torch']}, {m['date']}).", "",
+        f"torch {result['torch_version']}, {result['date'][:10]}).", "",
         "| K | activations saved for backward: standard | reversible | ratio | peak memory: standard | reversible "
         "| step: standard | reversible | time ratio | max grad diff (‖Δg‖/‖g‖) | input drift |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",

@@ -20,7 +20,6 @@ Every part checks that its methods agree before it times them, and aborts on a m
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
@@ -630,11 +629,7 @@ def _header(device, quick, part, settings):
     reps, min_time_ms, warmup = settings
     return {
         "benchmark": f"glow-ext bench ({part})",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": device,
-        "machine": opbench.machine_info(device),
-        "torch_version": torch.__version__,
-        "build_info": build_info(),
+        **opbench.report_header(device),
         "config": {"quick": quick, "dtype": "float32", "reps": reps, "min_time_ms": min_time_ms,
                    "warmup": warmup,
                    "statistics": "median and interquartile range of reps measurements, each the mean "

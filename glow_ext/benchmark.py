@@ -522,6 +522,15 @@ def _cpu_model():
     return platform.processor() or "unknown"
 
 
+def report_header(device):
+    """What every benchmark report starts with: when, where, on which torch and build."""
+    import glow_ext
+
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "device": str(device), "machine": machine_info(device),
+            "torch_version": torch.__version__, "build_info": glow_ext.build_info()}
+
+
 def machine_info(device):
     info = {
         "platform": platform.platform(),
@@ -713,11 +722,7 @@ def run(args, stream=sys.stdout):
 
     report = {
         "benchmark": "glow_ext bench-ops",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": device,
-        "machine": machine_info(device),
-        "torch_version": torch.__version__,
-        "build_info": info,
+        **report_header(device),
         "config": {"quick": bool(args.quick), "shapes": [list(s) for s in shapes], "reps": reps,
                    "min_time_ms": min_time_s * 1e3, "warmup": warmup, "seed": args.seed,
                    "dtype": "float32", "perturbation": PERTURBATION,

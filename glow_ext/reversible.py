@@ -110,8 +110,8 @@ def _step_backward(step: FlowStep, y, grad_y, grad_logdet, index, param_grads):
     Returns (input, gradient of the input); adds the parameters' gradients to param_grads."""
     coupling = step.coupling
     coupling_params = [p for p in coupling.parameters() if p.requires_grad]
-    other_params = [p for p in step.parameters() if p.requires_grad
-                    and all(p is not q for q in coupling_params)]
+    in_coupling = {id(p) for p in coupling_params}
+    other_params = [p for p in step.parameters() if p.requires_grad and id(p) not in in_coupling]
     grad_y_a, grad_y_b = grad_y[:, :coupling.passive], grad_y[:, coupling.passive:]
 
     u_a, u_b, y_b, logdet = coupling.rebuild(y)
