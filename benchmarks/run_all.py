@@ -15,7 +15,7 @@ REPO = HERE.parent
 if (REPO / "glow_ext" / "__init__.py").is_file():
     sys.path.insert(0, str(REPO))
 
-from glow_ext import bench_suite  # noqa: E402
+from glow_ext.bench import suite as bench_suite  # noqa: E402
 
 
 def main(argv=None):

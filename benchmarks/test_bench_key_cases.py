@@ -15,8 +15,8 @@ import torch
 
 pytest.importorskip("pytest_benchmark")
 
-from glow_ext import bench_suite  # noqa: E402
-from glow_ext import benchmark as opbench  # noqa: E402
+from glow_ext.bench import suite as bench_suite  # noqa: E402
+from glow_ext.bench import ops as opbench  # noqa: E402
 
 SHAPES = ((64, 12, 16, 16), (4, 384, 4, 4), (16, 512, 4, 4))
 LOGDET_C = 512

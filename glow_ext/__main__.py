@@ -37,21 +37,21 @@ COMMANDS = [
     ("info", "print how the extension was built (glow_ext.build_info()) as JSON",
      _info_arguments, _info_run),
     ("bench-ops", "benchmark the fused ActNorm + LU 1x1 conv op against pure-PyTorch baselines",
-     _lazy("benchmark", "add_arguments"), _lazy("benchmark", "run", exit_status=0)),
+     _lazy("bench.ops", "add_arguments"), _lazy("bench.ops", "run", exit_status=0)),
     ("bench", "what LU buys: logdet/inverse cost against C, the layer at Glow's level shapes, a whole "
               "Glow training step and sampling; JSON, plots and a markdown summary",
-     _lazy("bench_suite", "add_arguments"), _lazy("bench_suite", "run_command")),
+     _lazy("bench.suite", "add_arguments"), _lazy("bench.suite", "run_command")),
     ("bench-reversible", "reversible vs ordinary backprop: memory saved for backward, peak memory "
                          "and step time for K = 8, 16, 32",
-     _lazy("bench_reversible", "add_arguments"), _lazy("bench_reversible", "run", exit_status=0)),
+     _lazy("bench.reversible", "add_arguments"), _lazy("bench.reversible", "run", exit_status=0)),
     ("train", "train Glow (digits by default; cifar10, a folder of images); also under torchrun",
-     _lazy("cli", "train_arguments"), _lazy("cli", "train_run")),
+     _lazy("training.commands", "train_arguments"), _lazy("training.commands", "train_run")),
     ("sample", "write a grid of samples from a trained checkpoint as a PNG",
-     _lazy("cli", "sample_arguments"), _lazy("cli", "sample_run")),
+     _lazy("training.commands", "sample_arguments"), _lazy("training.commands", "sample_run")),
     ("evaluate", "print the test bits/dim of a trained checkpoint",
-     _lazy("cli", "evaluate_arguments"), _lazy("cli", "evaluate_run")),
+     _lazy("training.commands", "evaluate_arguments"), _lazy("training.commands", "evaluate_run")),
     ("ablate", "permutation ablation on digits: reverse vs shuffle vs learned 1x1 conv, 3 seeds",
-     _lazy("cli", "ablate_arguments"), _lazy("cli", "ablate_run")),
+     _lazy("training.commands", "ablate_arguments"), _lazy("training.commands", "ablate_run")),
 ]
 
 

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from glow_ext import bench_report, bench_suite
+from glow_ext.bench import report as bench_report, suite as bench_suite
 from glow_ext.models import Glow
 
 from conftest import repo_root

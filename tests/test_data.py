@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from glow_ext import data as gdata
+from glow_ext.training import data as gdata
 
 
 # --------------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conftest import repo_root
-from glow_ext import train as gtrain
+from glow_ext.training import loop as gtrain
 from glow_ext.__main__ import main
 
 ROOT = Path(repo_root())
@@ -342,7 +342,7 @@ def test_torchrun_two_ranks_match_one(tmp_path, two_rank_flags):
 # ablate
 
 def test_ablation_writes_table_json_and_plot(tmp_path):
-    from glow_ext import cli
+    from glow_ext.training import commands as cli
 
     out = tmp_path / "ablation"
     result = cli.run_ablation(out, seeds=(0, 1), steps=4, K=1, L=2, hidden=8, batch_size=32,

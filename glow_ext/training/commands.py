@@ -22,13 +22,13 @@ def _error(command: str, e: Exception) -> int:
 # train
 
 def train_arguments(parser):
-    from .train import add_train_arguments
+    from .loop import add_train_arguments
 
     add_train_arguments(parser)
 
 
 def train_run(args):
-    from .train import run_from_args
+    from .loop import run_from_args
 
     return run_from_args(args)
 
@@ -51,7 +51,7 @@ def sample_checkpoint(checkpoint, n=64, temperature=0.7, label=None, seed=0, dev
                       out="samples.png") -> Path:
     import torch
 
-    from . import train as gtrain
+    from . import loop as gtrain
 
     if n < 1:
         raise gtrain.TrainingError(f"--n must be positive, got {n}")
@@ -76,7 +76,7 @@ def sample_checkpoint(checkpoint, n=64, temperature=0.7, label=None, seed=0, dev
 
 def sample_run(args):
     from .data import DataError
-    from .train import TrainingError
+    from .loop import TrainingError
 
     try:
         path = sample_checkpoint(args.checkpoint, args.n, args.temperature, args.label, args.seed,
@@ -103,7 +103,7 @@ def evaluate_checkpoint(checkpoint, split="test", data_dir=None, batch_size=512,
                         amp="none") -> dict:
     """Bits/dim of a checkpoint's model on its dataset's split (the trainer's fixed noise)."""
     from . import data as gdata
-    from . import train as gtrain
+    from . import loop as gtrain
 
     device = gtrain.resolve_device(device)
     gtrain.autocast_context(amp, device)
@@ -122,7 +122,7 @@ def evaluate_checkpoint(checkpoint, split="test", data_dir=None, batch_size=512,
 
 def evaluate_run(args):
     from .data import DataError
-    from .train import TrainingError
+    from .loop import TrainingError
 
     try:
         result = evaluate_checkpoint(args.checkpoint, args.split, args.data_dir, args.batch_size,
@@ -211,7 +211,7 @@ def run_ablation(out="benchmarks/results/ablation", permutations=ABLATION_PERMUT
 
 def _run_ablation(out, runs_root, permutations, seeds, coupling, steps, time_limit, K, L, hidden,
                   batch_size, lr, warmup, eval_every, device, log) -> dict:
-    from . import train as gtrain
+    from . import loop as gtrain
 
     runs = []
     t0 = time.perf_counter()
@@ -335,7 +335,7 @@ def ablation_plot(result: dict, path) -> None:
 
 def ablate_run(args):
     from .data import DataError
-    from .train import TrainingError
+    from .loop import TrainingError
 
     try:
         perms = [p.strip() for p in args.permutations.split(",") if p.strip()]

@@ -320,7 +320,7 @@ def step_noise_seed(seed: int, step: int) -> int:
 # Model, objective, optimizer
 
 def build_model(config: dict, image_shape, n_classes: int = 0) -> nn.Module:
-    from .models import Glow
+    from ..models import Glow
 
     c, h, w = image_shape
     if h != w:

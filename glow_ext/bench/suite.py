@@ -30,10 +30,11 @@ from pathlib import Path
 
 import torch
 
-from . import bench_report, build_info, ops, reference, reversible
-from . import benchmark as opbench
-from .models import Glow
-from .nn import FlowStep
+from .. import build_info, ops, reference, reversible
+from . import report as bench_report
+from . import ops as opbench
+from ..models import Glow
+from ..nn import FlowStep
 
 PARTS = ("logdet", "layers", "e2e")
 DEFAULT_OUT_DIR = Path("benchmarks/results")

@@ -40,7 +40,7 @@ QUICK = dict(ks=(2, 4), hidden=16, batch=2, reps=2)
 
 def build(K, hidden, batch, device, seed, reversible=False):
     """A Glow on 3x32x32 with ActNorm initialised from one batch, and a fresh batch to train on."""
-    from .models import Glow
+    from ..models import Glow
 
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -88,7 +88,7 @@ def measure_one(what, K, reversible, hidden, batch, reps, device, seed):
     """what="memory": bytes saved for backward and the peak memory of a training step above the
     resting state (gradients, optimizer state and weights allocated by a first step);
     what="time": step times. Runs in a child process."""
-    from .reversible import saved_tensor_bytes
+    from ..reversible import saved_tensor_bytes
 
     device = torch.device(device)
     model, x = build(K, hidden, batch, device, seed, reversible)
@@ -168,7 +168,7 @@ def _child(args):
 
 
 def _run_child(what, K, mode, cfg, device, seed):
-    cmd = [sys.executable, "-m", "glow_ext.bench_reversible", "--child", what, "--K", str(K),
+    cmd = [sys.executable, "-m", "glow_ext.bench.reversible", "--child", what, "--K", str(K),
            "--mode", mode, "--hidden", str(cfg["hidden"]), "--batch", str(cfg["batch"]),
            "--reps", str(cfg["reps"]), "--device", device, "--seed", str(seed)]
     env = {**os.environ, **MEMORY_CHILD_ENV} if what == "memory" else None
@@ -228,7 +228,7 @@ def run(args):
         f"saved_ratio_at_K{k_max}_ge_{SAVED_RATIO_TARGET:g}": summary[-1]["saved_ratio"] >= SAVED_RATIO_TARGET,
         f"step_time_ratio_le_{STEP_TIME_TARGET:g}": all(s["step_time_ratio"] <= STEP_TIME_TARGET for s in summary),
     }
-    from .benchmark import report_header
+    from .ops import report_header
 
     result = {"benchmark": "reversible", **report_header(device), "quick": bool(args.quick),
               "config": {**cfg, "ks": list(cfg["ks"]), "L": 3,
@@ -241,7 +241,7 @@ def run(args):
     print(markdown(result))
     print(f"wrote {out / name}.json, .md, .png")
     if args.update_readme:
-        from .bench_report import update_readme
+        from .report import update_readme
 
         update_readme(args.readme, name, markdown(result))
         print(f"updated the {name} section of {args.readme}")
@@ -320,7 +320,7 @@ def add_arguments(parser, default_out="benchmarks/results"):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m glow_ext.bench_reversible", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m glow_ext.bench.reversible", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     parser.add_argument("--child", choices=("memory", "time"), help=argparse.SUPPRESS)

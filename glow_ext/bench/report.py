@@ -25,7 +25,7 @@ METHOD_LABELS = {
 
 
 def default_readme():
-    return Path(__file__).resolve().parent.parent / "README.md"
+    return Path(__file__).resolve().parents[2] / "README.md"
 
 
 def load_reports(out_dir, device):

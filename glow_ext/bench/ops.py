@@ -87,8 +87,8 @@ class Problem:
     """Input, upstream gradient and LU parameters for one shape, plus each baseline's buffers."""
 
     def __init__(self, shape, device, seed=0, dtype=torch.float32):
-        from .nn import random_rotation_lu
-        from .reference import lu_weight
+        from ..nn import random_rotation_lu
+        from ..reference import lu_weight
 
         n, c, h, w = shape
         self.shape = tuple(shape)
@@ -147,13 +147,13 @@ def _actnorm_inverse(h, bias, logs):
 
 
 def ours_forward(pb, x, bias, logs, lower, upper, log_s):
-    from .ops import actnorm_invconv_lu
+    from ..ops import actnorm_invconv_lu
 
     return actnorm_invconv_lu(x, bias, logs, pb.perm, lower, upper, log_s, pb.sign_s)
 
 
 def ours_inverse(pb, y, bias, logs, lower, upper, log_s):
-    from .ops import actnorm_invconv_lu_inverse
+    from ..ops import actnorm_invconv_lu_inverse
 
     return actnorm_invconv_lu_inverse(y, bias, logs, pb.perm, lower, upper, log_s, pb.sign_s)
 
@@ -618,7 +618,7 @@ def add_arguments(parser, default_out_dir=None):
 def run(args, stream=sys.stdout):
     """Run the benchmark described by parsed `args`; returns the result dict (also written as JSON)."""
     import glow_ext
-    from . import ops
+    from .. import ops
 
     if args.threads:
         torch.set_num_threads(args.threads)

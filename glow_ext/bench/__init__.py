@@ -1,0 +1,1 @@
+"""The benchmarks of glow_ext: `glow-ext bench-ops`, `bench`, `bench-reversible`."""

@@ -1,0 +1,1 @@
+"""The training application of glow_ext: `glow-ext train`, `sample`, `evaluate`, `ablate`."""
