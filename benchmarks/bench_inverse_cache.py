@@ -25,7 +25,7 @@ if (HERE.parent / "glow_ext" / "__init__.py").is_file():
 
 from glow_ext import nn as gnn  # noqa: E402
 from glow_ext import ops  # noqa: E402
-from glow_ext.bench.ops import report_header  # noqa: E402
+from glow_ext.bench.common import report_header  # noqa: E402
 from glow_ext.models import Glow  # noqa: E402
 
 CASES = (

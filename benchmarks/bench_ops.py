@@ -3,7 +3,7 @@
 
 Run from a checkout: `python benchmarks/bench_ops.py --quick`. The checkout's glow_ext (built in
 place) is used in preference to an installed one. The default output is
-benchmarks/results/ops-<device>.json next to this file. The implementation is glow_ext/benchmark.py.
+benchmarks/results/ops-<device>.json next to this file. The implementation is glow_ext/bench/ops.py.
 """
 import sys
 from pathlib import Path

@@ -5,7 +5,7 @@ Run from a checkout: `python benchmarks/run_all.py` (CPU; `--device cuda` on a G
 `--quick` for a smoke run into a temporary folder). Writes benchmarks/results/{logdet,layers,e2e}-
 <device>.json, the plots, SUMMARY-<device>.md, and the README's generated benchmark section (not with
 --quick). The checkout's glow_ext (built in place) is used in preference to an installed one. The
-implementation is glow_ext/bench_suite.py.
+implementation is glow_ext/bench/suite.py.
 """
 import sys
 from pathlib import Path

@@ -6,8 +6,8 @@
 
 The fused op against the naive layer (forward, forward+backward, inverse) at CIFAR-10's first level,
 CelebA-HQ-256's deepest level (the factored path) and C = 512; the layer logdet at C = 512 by float32
-and float64 slogdet and by the LU formula. The methods come from glow_ext.benchmark and
-glow_ext.bench_suite, and each problem is checked for agreement before its first timing. CPU, and
+and float64 slogdet and by the LU formula. The methods come from glow_ext.bench.methods and
+glow_ext.bench.curves, and each problem is checked for agreement before its first timing. CPU, and
 CUDA as well when a GPU is visible (every call then ends with a synchronize).
 """
 import pytest
@@ -15,8 +15,9 @@ import torch
 
 pytest.importorskip("pytest_benchmark")
 
-from glow_ext.bench import suite as bench_suite  # noqa: E402
-from glow_ext.bench import ops as opbench  # noqa: E402
+from glow_ext.bench import curves as bench_suite  # noqa: E402
+from glow_ext.bench import methods as opbench  # noqa: E402
+from glow_ext.bench.common import synchronizer  # noqa: E402
 
 SHAPES = ((64, 12, 16, 16), (4, 384, 4, 4), (16, 512, 4, 4))
 LOGDET_C = 512
@@ -45,7 +46,7 @@ def problem():
 
 
 def _run(benchmark, fn, device, grad_mode):
-    sync = opbench._synchronizer(device)
+    sync = synchronizer(device)
 
     def call():
         fn()

@@ -2,10 +2,10 @@
 
 Each command is one entry of COMMANDS: (name, help, add_arguments(parser), run(args) -> exit code).
 Its module is imported only when the command runs, so `glow-ext info` stays light. To add a command
-write its two functions and append an entry. train, sample, evaluate and ablate live in
-glow_ext.cli (training itself in glow_ext.train, the datasets in glow_ext.data); bench-ops in
-glow_ext.benchmark, bench in glow_ext.bench_suite (its plots and tables in glow_ext.bench_report),
-bench-reversible in glow_ext.bench_reversible.
+write its two functions and append an entry. train, sample and evaluate live in
+glow_ext.training.commands, ablate in glow_ext.training.ablation (the training application is the
+glow_ext.training package); bench-ops in glow_ext.bench.ops, bench in glow_ext.bench.suite (its
+plots and tables in glow_ext.bench.report), bench-reversible in glow_ext.bench.reversible.
 """
 import argparse
 import importlib
@@ -51,7 +51,7 @@ COMMANDS = [
     ("evaluate", "print the test bits/dim of a trained checkpoint",
      _lazy("training.commands", "evaluate_arguments"), _lazy("training.commands", "evaluate_run")),
     ("ablate", "permutation ablation on digits: reverse vs shuffle vs learned 1x1 conv, 3 seeds",
-     _lazy("training.commands", "ablate_arguments"), _lazy("training.commands", "ablate_run")),
+     _lazy("training.ablation", "ablate_arguments"), _lazy("training.ablation", "ablate_run")),
 ]
 
 

@@ -14,6 +14,9 @@ cached folded inverse map, diag(exp(−logs))·W⁻¹, computed once per paramet
 the `glow_ext.ops.channel_map` kernel; an optimizer step, load_state_dict or a move to another
 device/dtype invalidates it (see `InvConv2dLU.reverse`). When autograd needs the inverse, it runs
 the differentiable inverse op instead.
+
+`LogitGlow` puts RealNVP's logit preprocessing in front of a Glow, as one more invertible layer
+whose log-Jacobian is counted in the density (the trainer's --logit-alpha).
 """
 import math
 from typing import List, NamedTuple, Optional
@@ -25,7 +28,7 @@ from .nn import (COUPLINGS, PERMUTATIONS, ActNorm2d, ActNormInvConv2d, FlowStep,
                  gaussian_log_prob, gaussian_sample, squeeze2d, unsqueeze2d)
 from .reversible import reversible_steps
 
-__all__ = ["Glow", "GlowOutput", "GlowLevel"]
+__all__ = ["Glow", "GlowOutput", "GlowLevel", "LogitGlow"]
 
 
 class GlowOutput(NamedTuple):
@@ -314,3 +317,62 @@ def _max_levels(image_size: int) -> int:
         image_size //= 2
         levels += 1
     return levels
+
+
+class LogitGlow(nn.Module):
+    """A Glow behind RealNVP's logit preprocessing (Dinh et al. 2017):
+
+        u = logit(p),  p = a + (1 - 2a)·(x + 0.5)   for x in [-0.5, 0.5),
+
+    log p(x) = log p_glow(u) + Σ log|du/dx|, log|du/dx| = log(1 - 2a) - log p - log(1 - p), so
+    log_prob, bits_per_dim and sample are those of a density on x exactly like Glow's own (the
+    preprocessing is one more invertible layer). Data piled up at the ends of the range (digits'
+    0 and 16) becomes a smooth target. The flow is `self.flow` (state_dict keys "flow.*")."""
+
+    def __init__(self, flow: nn.Module, alpha: float = 0.05):
+        super().__init__()
+        if not 0 < alpha < 0.5:
+            raise ValueError(f"alpha must be in (0, 0.5), got {alpha}")
+        self.flow = flow
+        self.alpha = float(alpha)
+
+    @property
+    def n_classes(self):
+        return self.flow.n_classes
+
+    @property
+    def input_shape(self):
+        return self.flow.input_shape
+
+    def to_logit(self, x: torch.Tensor):
+        """(u, log|du/dx| summed per sample (N,))."""
+        a = self.alpha
+        p = a + (1 - 2 * a) * (x.to(torch.promote_types(x.dtype, torch.float32)) + 0.5)
+        log_p, log_1mp = torch.log(p), torch.log1p(-p)
+        logdet = (math.log(1 - 2 * a) - log_p - log_1mp).flatten(1).sum(1)
+        return (log_p - log_1mp).to(x.dtype), logdet
+
+    def from_logit(self, u: torch.Tensor) -> torch.Tensor:
+        return (torch.sigmoid(u) - self.alpha) / (1 - 2 * self.alpha) - 0.5
+
+    def forward(self, x: torch.Tensor, y=None):
+        u, logdet = self.to_logit(x)
+        out = self.flow(u, y)
+        return out._replace(log_prob=out.log_prob + logdet, logdet=out.logdet + logdet)
+
+    def log_prob(self, x: torch.Tensor, y=None) -> torch.Tensor:
+        return self.forward(x, y).log_prob
+
+    def bits_per_dim(self, x: torch.Tensor, n_bins: int, y=None) -> torch.Tensor:
+        d = math.prod(self.input_shape)
+        return (-self.log_prob(x, y) + d * math.log(n_bins)) / (d * math.log(2.0))
+
+    def encode(self, x: torch.Tensor, y=None):
+        return self.flow.encode(self.to_logit(x)[0], y)
+
+    def decode(self, zs, y=None) -> torch.Tensor:
+        return self.from_logit(self.flow.decode(zs, y))
+
+    @torch.no_grad()
+    def sample(self, n: int, temperature: float = 1.0, y=None) -> torch.Tensor:
+        return self.from_logit(self.flow.sample(n, temperature, y))

@@ -11,7 +11,7 @@ through the coupling unchanged, so a single pass both inverts the coupling and r
 forward. A training step then costs about 4 network passes instead of 3.
 
 Randomness: when any module of the steps may draw random numbers in training (a dropout module, or
-a forward hook, which is how glow_ext.train adds coupling dropout), the RNG state of the input's
+a forward hook, which is how glow_ext.training adds coupling dropout), the RNG state of the input's
 device is saved before each step and restored for its recomputation, so dropout masks match. These
 states are saved for backward like any tensor and show in memory measurements (5 kB per step for
 the CPU generator). Autocast is re-entered with the forward pass's settings.

@@ -163,3 +163,19 @@ def test_missing_extension_falls_back_to_reference_with_a_warning(tmp_path):
     assert check.returncode == 0, _output(check)
     for marker in ("WARNED", "OPS_OK", "FALLBACK_OK"):
         assert marker in check.stdout, _output(check)
+
+
+def test_import_glow_ext_stays_light():
+    """`import glow_ext` (and its models and compat layers) loads the library only: not the
+    training application, the benchmarks, or their plotting and dataset dependencies."""
+    script = textwrap.dedent("""
+        import sys
+        import glow_ext, glow_ext.models, glow_ext.compat
+        heavy = [m for m in sys.modules if m.split(".")[0] in ("matplotlib", "sklearn", "PIL")
+                 or m.startswith(("glow_ext.training", "glow_ext.bench"))]
+        print("HEAVY", sorted(heavy))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, _output(result)
+    assert "HEAVY []" in result.stdout, _output(result)

@@ -1,4 +1,4 @@
-"""glow_ext.data: digits split, CIFAR-10 pickle batches, image folders, quantization, batching."""
+"""glow_ext.training.data: digits split, CIFAR-10 pickle batches, image folders, quantization, batching."""
 import pickle
 
 import numpy as np

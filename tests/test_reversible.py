@@ -8,7 +8,7 @@ import torch
 
 from glow_ext.models import Glow
 from glow_ext.reversible import reversible_steps, saved_tensor_bytes
-from glow_ext.training.loop import add_coupling_dropout
+from glow_ext.training import add_coupling_dropout
 
 from conftest import DEVICES, max_rel_error
 

@@ -1,4 +1,4 @@
-"""glow_ext.train and the train / sample / evaluate / ablate commands, on tiny models and few steps.
+"""glow_ext.training and the train / sample / evaluate / ablate commands, on tiny models and few steps.
 
 Most runs call glow_ext.__main__.main in-process; resume-after-kill, torchrun (DDP on gloo) and one
 `python -m glow_ext` smoke test run in subprocesses with timeouts.
@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from conftest import repo_root
-from glow_ext.training import loop as gtrain
+from glow_ext import training as gtrain
+from glow_ext.models import LogitGlow
 from glow_ext.__main__ import main
 
 ROOT = Path(repo_root())
@@ -166,6 +167,44 @@ def test_resume_after_kill_continues_with_the_same_next_loss(tmp_path):
     result = run_cli(["train", *fresh_args])
     assert result.returncode == 0, result.stderr
     assert train_losses(fresh)[step + 1] == resumed
+
+
+# Written by the trainer before it moved to glow_ext.training and to AveragedModel for the EMA
+# (digits, K=1 L=2 hidden 8, batch 16, --ema 0.9, 4 of 4 steps; EMA state {"decay", "updates",
+# "shadow"}). That trainer, resumed from it with --steps 7, logged these losses and test bpd (the
+# test bpd is the EMA's).
+OLD_EMA_CHECKPOINT = ROOT / "tests" / "fixtures" / "ema-v1-checkpoint.pt"
+OLD_RESUMED_LOSSES = {5: 3.191826820373535, 6: 3.2070200443267822, 7: 3.2153220176696777}
+OLD_RESUMED_TEST_BPD = 3.1711027349285805
+
+
+def test_a_checkpoint_with_the_old_ema_format_loads_and_resumes_as_before(tmp_path):
+    from glow_ext.training.objective import load_ema_state, make_ema
+
+    state = gtrain.load_checkpoint(OLD_EMA_CHECKPOINT)
+    assert set(state["ema"]) == {"decay", "updates", "shadow"} and state["ema"]["updates"] == 4
+    model, _ = gtrain.model_from_checkpoint(state)
+    ema = make_ema(model, state["config"]["ema"])
+    load_ema_state(ema, state["ema"], model)
+    assert int(ema.n_averaged) == 4
+    for name, p in ema.module.named_parameters():
+        assert torch.equal(p, state["ema"]["shadow"][name]), name
+    assert any(not torch.equal(p, state["model"][name]) for name, p in ema.module.named_parameters())
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint.pt").write_bytes(OLD_EMA_CHECKPOINT.read_bytes())
+    assert main(["train", "--resume", "--out", str(run), "--steps", "7"]) == 0
+    losses = train_losses(run)
+    assert sorted(losses) == [5, 6, 7]
+    for step, expected in OLD_RESUMED_LOSSES.items():
+        assert abs(losses[step] - expected) <= 1e-5 * expected, (step, losses[step], expected)
+    test = read_metrics(run, "test")
+    assert [m["step"] for m in test] == [7]
+    assert abs(test[0]["bpd"] - OLD_RESUMED_TEST_BPD) <= 1e-5 * OLD_RESUMED_TEST_BPD, test[0]["bpd"]
+    # What it writes now is AveragedModel's state, and that resumes too.
+    assert "n_averaged" in gtrain.load_checkpoint(run / "checkpoint.pt")["ema"]
+    assert main(["train", "--resume", "--out", str(run), "--steps", "8"]) == 0
 
 
 def test_resume_refuses_a_changed_model(tmp_path, capsys):
@@ -342,7 +381,7 @@ def test_torchrun_two_ranks_match_one(tmp_path, two_rank_flags):
 # ablate
 
 def test_ablation_writes_table_json_and_plot(tmp_path):
-    from glow_ext.training import commands as cli
+    from glow_ext.training import ablation as cli
 
     out = tmp_path / "ablation"
     result = cli.run_ablation(out, seeds=(0, 1), steps=4, K=1, L=2, hidden=8, batch_size=32,
@@ -370,7 +409,7 @@ def test_logit_preprocessing_is_an_exact_change_of_variables():
     torch.manual_seed(0)
     glow = gtrain.build_model(dict(gtrain.defaults_for("digits"), K=1, L=2, hidden=8, logit_alpha=0.0),
                               (1, 8, 8))
-    wrapped = gtrain.LogitGlow(glow, 0.05).double()
+    wrapped = LogitGlow(glow, 0.05).double()
     x = torch.rand(5, 1, 8, 8, dtype=torch.float64) - 0.5
     wrapped.train()
     wrapped(x)  # ActNorm init

@@ -1,4 +1,4 @@
-"""Plots, markdown tables and the README section of `glow-ext bench` (glow_ext.bench_suite).
+"""Plots, markdown tables and the README section of `glow-ext bench` (glow_ext.bench.suite).
 
 Everything here reads the JSON reports the suite wrote, so `glow-ext bench --render-only` can redraw
 from committed results: logdet-<device>.png (log-log cost against C with the fitted exponents),

@@ -80,7 +80,7 @@ def _peak_rss_bytes():
 
 
 # The memory child returns every buffer of 64 kB or more to the OS when it is freed, so its resident
-# set follows the live tensors (the timing child keeps them, see glow_ext.benchmark.MALLOC_ENV).
+# set follows the live tensors (the timing child keeps them, see glow_ext.bench.common.MALLOC_ENV).
 MEMORY_CHILD_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 
 
@@ -228,7 +228,7 @@ def run(args):
         f"saved_ratio_at_K{k_max}_ge_{SAVED_RATIO_TARGET:g}": summary[-1]["saved_ratio"] >= SAVED_RATIO_TARGET,
         f"step_time_ratio_le_{STEP_TIME_TARGET:g}": all(s["step_time_ratio"] <= STEP_TIME_TARGET for s in summary),
     }
-    from .ops import report_header
+    from .common import report_header
 
     result = {"benchmark": "reversible", **report_header(device), "quick": bool(args.quick),
               "config": {**cfg, "ks": list(cfg["ks"]), "L": 3,

@@ -8,12 +8,13 @@ JSON under --out as soon as it finishes (so a run cut short keeps the parts it f
            ... 2048 (powers of two and Glow's 12·2^k), forward and forward+backward, with the
            exponent of time ∝ C^k fitted on the large-C points -> logdet-<device>.json
   layers   ActNorm + 1x1 conv at the level shapes of Glow models for CIFAR-10, CelebA-64 and
-           CelebA-HQ-256: glow_ext.benchmark's methods (ours, naive, LU layer, folded, copy) and
+           CelebA-HQ-256: glow_ext.bench.ops's methods (ours, naive, LU layer, folded, copy) and
            its agreement checks -> layers-<device>.json
   e2e      one training step (forward + backward + Adam) and sampling of a whole Glow with the fused
            layers against the same model with naive layers, plus memory -> e2e-<device>.json
 
-Then glow_ext.bench_report draws logdet-<device>.png and layers-<device>.png, writes the tables to
+Part 1 lives in glow_ext.bench.curves, the timing helpers in glow_ext.bench.common. Then
+glow_ext.bench.report draws logdet-<device>.png and layers-<device>.png, writes the tables to
 SUMMARY-<device>.md and, with --update-readme, replaces the README's marked benchmark section.
 Every part checks that its methods agree before it times them, and aborts on a mismatch.
 """
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import tempfile
@@ -30,44 +30,17 @@ from pathlib import Path
 
 import torch
 
-from .. import build_info, ops, reference, reversible
+from .. import build_info, ops, reversible
+from . import methods as opbench
 from . import report as bench_report
-from . import ops as opbench
+from .common import MALLOC_ENV, BenchError, geomean, report_header, synchronizer, time_methods
+from .curves import (CURVE_MODES, CURVES, FIT_MIN_C, LOGDET_CHANNELS, QUICK_FIT_MIN_C,
+                     QUICK_LOGDET_CHANNELS, run_curves)
 from ..models import Glow
 from ..nn import FlowStep
 
 PARTS = ("logdet", "layers", "e2e")
 DEFAULT_OUT_DIR = Path("benchmarks/results")
-
-# 1. Log-determinant / inverse cost curves.
-LOGDET_CHANNELS = tuple(sorted({2 ** k for k in range(3, 12)} | {12 * 2 ** k for k in range(8)}))
-QUICK_LOGDET_CHANNELS = (8, 16, 32, 64, 128, 256)
-FIT_MIN_C = 256
-QUICK_FIT_MIN_C = 64
-# The layer-level quantities (logdet of ActNorm + 1x1 conv, the inverse op) are taken at 4x4 pixels of
-# one image: a deep level, where the C x C work is all there is.
-CURVE_PIXELS = (1, 4, 4)
-CURVE_MODES = ("forward", "fwd+bwd")
-CURVE_TOL = 1e-3  # float32 against a float64 reference, C up to 2048
-
-LOGDET_METHODS = {
-    "slogdet": "H·W·(Σ logs + torch.linalg.slogdet(W).logabsdet), float32",
-    "slogdet_f64": "the same with slogdet(W.double()), as rosinality's InvConv2d and "
-                   "glow_ext.nn.InvConv2d do",
-    "det": "H·W·(Σ logs + log|torch.det(W)|), float32",
-    "lu": "ours: H·W·(Σ logs + Σ log_s) (glow_ext.reference.lu_logdet, the formula the fused op "
-          "evaluates), float32",
-}
-INVERSE_METHODS = {
-    "inverse": "torch.inverse(W), float32 (returns the C x C inverse)",
-    "linalg_inv_f64": "torch.linalg.inv(W.double()), as glow_ext.nn.InvConv2d.reverse (C x C)",
-    "triangular": "W⁻¹ = U'⁻¹·L⁻¹·Pᵀ from two torch.linalg.solve_triangular calls on the LU factors "
-                  "(C x C; the folded inverse's C x C part)",
-    "ours_op": "glow_ext.ops.actnorm_invconv_lu_inverse on y of shape (1, C, 4, 4): for C > 192 with "
-               "fewer pixels than channels it applies the triangular factors to the pixels and never "
-               "forms W⁻¹",
-    "naive_op": "the naive layer's inverse on the same y: torch.inverse(W), F.conv2d, ActNorm inverse",
-}
 
 # 2. Layer: the Glow models whose level shapes are timed (3 x image_size² input, L levels).
 GLOW_MODELS = {
@@ -99,10 +72,6 @@ SETTINGS = {
     "full": {"logdet": (9, 5.0, 2), "layers": (15, 5.0, 5), "e2e": (7, 5.0, 2)},
     "quick": {"logdet": (3, 1.0, 1), "layers": (3, 1.0, 1), "e2e": (3, 1.0, 1)},
 }
-
-
-class BenchError(RuntimeError):
-    """A check failed or the run cannot start; nothing of that part was timed."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -139,231 +108,6 @@ def _clock(seconds):
 
 
 # --------------------------------------------------------------------------------------------------
-# Slope fit
-
-
-def fit_power_law(channels, times_ms, min_c):
-    """Least-squares fit of log t = k·log C + b over the points with C >= min_c.
-
-    Returns {"slope": k, "prefactor_ms": e^b, "min_c", "n_points"}; slope is NaN with fewer than
-    two points.
-    """
-    points = [(math.log(c), math.log(t)) for c, t in zip(channels, times_ms) if c >= min_c and t > 0]
-    n = len(points)
-    if n < 2:
-        return {"slope": float("nan"), "prefactor_ms": float("nan"), "min_c": min_c, "n_points": n}
-    mean_x = sum(x for x, _ in points) / n
-    mean_y = sum(y for _, y in points) / n
-    sxx = sum((x - mean_x) ** 2 for x, _ in points)
-    sxy = sum((x - mean_x) * (y - mean_y) for x, y in points)
-    slope = sxy / sxx
-    return {"slope": slope, "prefactor_ms": math.exp(mean_y - slope * mean_x), "min_c": min_c,
-            "n_points": n}
-
-
-# --------------------------------------------------------------------------------------------------
-# 1. Cost curves
-
-
-class CurveProblem:
-    """The parameters of one layer with C channels, at CURVE_PIXELS pixels.
-
-    The LU triangles are small random perturbations of the identity (cond(L), cond(U') ≈ 2 at any
-    C), so float32 results can be checked against float64 up to C = 2048; what LAPACK and the op
-    cost does not depend on the values. W = P·L·U' is assembled once, outside the timed region.
-    """
-
-    def __init__(self, c, device, seed=0, dtype=torch.float32):
-        gen = torch.Generator().manual_seed(seed * 100003 + c)
-        f64 = dict(dtype=torch.float64, generator=gen)
-        perm = torch.randperm(c, generator=gen)
-        lower = (0.3 / math.sqrt(c)) * torch.randn(c, c, **f64).tril(-1)
-        upper = (0.3 / math.sqrt(c)) * torch.randn(c, c, **f64).triu(1)
-        log_s = 0.1 * torch.randn(c, **f64)
-        sign_s = torch.where(torch.rand(c, **f64) < 0.5, -1.0, 1.0).to(torch.float64)
-        bias = 0.1 * torch.randn(c, **f64)
-        logs = 0.1 * torch.randn(c, **f64)
-        y = torch.randn((CURVE_PIXELS[0], c) + CURVE_PIXELS[1:], **f64)
-        weight = reference.lu_weight(perm, lower, upper, log_s, sign_s)
-        pixels = CURVE_PIXELS[1] * CURVE_PIXELS[2]
-
-        self.channels = c
-        self.device = torch.device(device)
-        self.pixels = CURVE_PIXELS[1:]
-        # float64 references for the agreement checks (on the device, next to what they check).
-        self.ref_logdet = pixels * float(logs.sum() + log_s.sum())
-        self.logdet_scale = pixels * float(logs.abs().sum() + log_s.abs().sum())
-        ref_inverse = torch.linalg.inv(weight)
-        ref_x = (torch.einsum("ij,njhw->nihw", ref_inverse, y) * (-logs).exp().view(1, -1, 1, 1)
-                 - bias.view(1, -1, 1, 1))
-        self.ref_inverse, self.ref_x = ref_inverse.to(self.device), ref_x.to(self.device)
-
-        def put(t):
-            return t.to(device=self.device, dtype=dtype if t.is_floating_point() else t.dtype)
-
-        self.perm = perm.to(self.device)
-        self.weight, self.lower, self.upper, self.log_s, self.sign_s, self.bias, self.logs, self.y = map(
-            put, (weight, lower, upper, log_s, sign_s, bias, logs, y))
-        self.eye = put(torch.eye(c, dtype=torch.float64))
-        # Upstream gradients of the fwd+bwd mode: of a C x C matrix output or of the pixels.
-        self.g_matrix = put(torch.randn(c, c, **f64))
-        self.g_pixels = put(torch.randn(tuple(self.y.shape), **f64))
-
-    def loss(self, out):
-        """The scalar the fwd+bwd mode differentiates: a logdet itself, else <out, upstream gradient>."""
-        if out.dim() == 0:
-            return out
-        return (out * (self.g_matrix if out.dim() == 2 else self.g_pixels)).sum()
-
-
-def _dense_logdet(cp, logs, weight, logabsdet):
-    h, w = cp.pixels
-    return (h * w) * (logs.sum() + logabsdet(weight))
-
-
-def logdet_slogdet(cp, logs, weight):
-    return _dense_logdet(cp, logs, weight, lambda m: torch.linalg.slogdet(m)[1])
-
-
-def logdet_slogdet_f64(cp, logs, weight):
-    return _dense_logdet(cp, logs, weight, lambda m: torch.linalg.slogdet(m.double())[1].to(m.dtype))
-
-
-def logdet_det(cp, logs, weight):
-    return _dense_logdet(cp, logs, weight, lambda m: torch.det(m).abs().log())
-
-
-def logdet_lu(cp, logs, log_s):
-    return reference.lu_logdet(logs, log_s, *cp.pixels)
-
-
-def inverse_torch(cp, weight):
-    return torch.inverse(weight)
-
-
-def inverse_linalg_f64(cp, weight):
-    return torch.linalg.inv(weight.double()).to(weight.dtype)
-
-
-def inverse_triangular(cp, lower, upper, log_s):
-    """W⁻¹ = U'⁻¹·L⁻¹·Pᵀ: two triangular solves against the identity, then the column permutation."""
-    unit_lower, upper_factor = reference.lu_factors(lower, upper, log_s, cp.sign_s)
-    m = torch.linalg.solve_triangular(unit_lower, cp.eye, upper=False, unitriangular=True)
-    m = torch.linalg.solve_triangular(upper_factor, m, upper=True)
-    return m[:, cp.perm]  # (M·Pᵀ)[:, i] = M[:, perm[i]]
-
-
-def inverse_ours_op(cp, bias, logs, lower, upper, log_s):
-    return ops.actnorm_invconv_lu_inverse(cp.y, bias, logs, cp.perm, lower, upper, log_s, cp.sign_s)
-
-
-def inverse_naive_op(cp, bias, logs, weight):
-    return opbench.naive_inverse(None, cp.y, bias, logs, weight.view(*weight.shape, 1, 1))
-
-
-# name -> (function(cp, *leaves), names of the CurveProblem attributes it differentiates)
-CURVES = {
-    "logdet": {
-        "slogdet": (logdet_slogdet, ("logs", "weight")),
-        "slogdet_f64": (logdet_slogdet_f64, ("logs", "weight")),
-        "det": (logdet_det, ("logs", "weight")),
-        "lu": (logdet_lu, ("logs", "log_s")),
-    },
-    "inverse": {
-        "inverse": (inverse_torch, ("weight",)),
-        "linalg_inv_f64": (inverse_linalg_f64, ("weight",)),
-        "triangular": (inverse_triangular, ("lower", "upper", "log_s")),
-        "ours_op": (inverse_ours_op, ("bias", "logs", "lower", "upper", "log_s")),
-        "naive_op": (inverse_naive_op, ("bias", "logs", "weight")),
-    },
-}
-CURVE_DESCRIPTIONS = {"logdet": LOGDET_METHODS, "inverse": INVERSE_METHODS}
-
-
-def curve_callable(cp, curve, method, mode):
-    """A no-argument function running one call (forward) or one call and its backward (fwd+bwd)."""
-    fn, names = CURVES[curve][method]
-    if mode == "forward":
-        leaves = tuple(getattr(cp, name) for name in names)
-        return lambda: fn(cp, *leaves)
-    leaves = tuple(getattr(cp, name).detach().clone().requires_grad_(True) for name in names)
-
-    def step():
-        cp.loss(fn(cp, *leaves)).backward()
-        for t in leaves:
-            t.grad = None
-
-    return step
-
-
-def _gradients(cp, curve, method):
-    fn, names = CURVES[curve][method]
-    leaves = tuple(getattr(cp, name).detach().clone().requires_grad_(True) for name in names)
-    cp.loss(fn(cp, *leaves)).backward()
-    return dict(zip(names, (t.grad for t in leaves)))
-
-
-def check_curve_problem(cp):
-    """Every curve method against float64 references (values) and against each other (gradients)."""
-    errors, failures = {}, []
-
-    def record(key, value):
-        errors[key] = value
-        if not value < CURVE_TOL:  # also catches NaN
-            failures.append(f"{key}: relative error {value:.3g} >= {CURVE_TOL:g}")
-
-    with torch.no_grad():
-        for method, (fn, names) in CURVES["logdet"].items():
-            value = float(fn(cp, *(getattr(cp, n) for n in names)))
-            record(f"logdet.{method}", abs(value - cp.ref_logdet) / max(cp.logdet_scale, 1e-30))
-        for method, (fn, names) in CURVES["inverse"].items():
-            out = fn(cp, *(getattr(cp, n) for n in names))
-            ref = cp.ref_inverse if out.dim() == 2 else cp.ref_x
-            record(f"inverse.{method}", opbench.rel_err(out, ref))
-    # Gradients: the methods that share a parametrisation must agree.
-    for curve, group, anchor in (("logdet", ("slogdet_f64", "det"), "slogdet"),
-                                 ("inverse", ("linalg_inv_f64",), "inverse"),
-                                 ("inverse", ("naive_op",), "ours_op"),
-                                 ("logdet", ("lu",), "slogdet")):
-        ref_grads = _gradients(cp, curve, anchor)
-        for method in group:
-            grads = _gradients(cp, curve, method)
-            for name in set(grads) & set(ref_grads):
-                record(f"grad.{curve}.{method}.{name}", opbench.rel_err(grads[name], ref_grads[name]))
-    if failures:
-        raise BenchError(f"C={cp.channels}: the cost-curve methods disagree:\n  " + "\n  ".join(failures))
-    return errors
-
-
-def run_curves(device, channels, fit_min_c, settings, seed, progress):
-    """Time every CURVES method at every C; returns the logdet part's report body."""
-    reps, min_time_ms, warmup = settings
-    sync = opbench._synchronizer(device)
-    times = {curve: {mode: {m: {} for m in CURVES[curve]} for mode in CURVE_MODES} for curve in CURVES}
-    checks = {}
-    for c in channels:
-        cp = CurveProblem(c, device, seed)
-        progress.task(f"logdet/inverse C={c}: agreement check")
-        checks[str(c)] = check_curve_problem(cp)
-        for curve in CURVES:
-            for mode in CURVE_MODES:
-                progress.task(f"{curve} {mode} C={c}: {', '.join(CURVES[curve])}")
-                res = opbench.time_methods(
-                    {m: curve_callable(cp, curve, m, mode) for m in CURVES[curve]}, sync, reps,
-                    min_time_ms / 1e3, warmup, grad_mode=(mode == "fwd+bwd"))
-                for m, summary in res.items():
-                    times[curve][mode][m][str(c)] = summary
-        del cp
-        if device == "cuda":
-            torch.cuda.empty_cache()
-    fits = {curve: {mode: {m: fit_power_law(channels, [times[curve][mode][m][str(c)]["median_ms"]
-                                                        for c in channels], fit_min_c)
-                           for m in CURVES[curve]} for mode in CURVE_MODES} for curve in CURVES}
-    return {"channels": list(channels), "fit_min_c": fit_min_c, "pixels": list(CURVE_PIXELS),
-            "methods": CURVE_DESCRIPTIONS, "checks": checks, "times": times, "fits": fits}
-
-
-# --------------------------------------------------------------------------------------------------
 # 2. Layer at Glow's level shapes
 
 
@@ -380,7 +124,7 @@ def glow_level_shapes(image_size, L, batch, in_channels=3):
 
 def run_layers(device, models, settings, seed, progress, stream):
     reps, min_time_ms, warmup = settings
-    sync = opbench._synchronizer(device)
+    sync = synchronizer(device)
     report = {"methods": opbench.METHOD_DESCRIPTIONS, "models": {}}
     problems = {}
     for name, spec in models.items():
@@ -414,7 +158,7 @@ def run_layers(device, models, settings, seed, progress, stream):
 
 def _geomeans(per_shape):
     per_shape = list(per_shape)
-    return {mode: {b: opbench.geomean([s["ratios"][mode][b] for s in per_shape]) for b in opbench.BASELINES}
+    return {mode: {b: geomean([s["ratios"][mode][b] for s in per_shape]) for b in opbench.BASELINES}
             for mode in opbench.MODES}
 
 
@@ -526,7 +270,7 @@ def _host_sync_free(fn):
 
 def run_e2e_config(config, device, settings, seed, progress):
     reps, min_time_ms, warmup = settings
-    sync = opbench._synchronizer(device)
+    sync = synchronizer(device)
     label = config["name"]
     models = {}
     for method, permutation in E2E_MODELS:
@@ -561,10 +305,10 @@ def run_e2e_config(config, device, settings, seed, progress):
         memory["cuda_peak_step_bytes"] = {m: _cuda_peak_bytes(steps[m]) for m in models}
 
     progress.task(f"e2e {label}: training step (forward + backward + Adam), ours, naive, floor")
-    train = opbench.time_methods(steps, sync, reps, min_time_ms / 1e3, warmup, grad_mode=True)
+    train = time_methods(steps, sync, reps, min_time_ms / 1e3, warmup, grad_mode=True)
     progress.task(f"e2e {label}: sampling {config['batch']} images at T={SAMPLE_TEMPERATURE}")
-    sample = opbench.time_methods({m: (lambda m=m: models[m].sample(config["batch"], SAMPLE_TEMPERATURE))
-                                   for m in models}, sync, reps, min_time_ms / 1e3, warmup, grad_mode=False)
+    sample = time_methods({m: (lambda m=m: models[m].sample(config["batch"], SAMPLE_TEMPERATURE))
+                           for m in models}, sync, reps, min_time_ms / 1e3, warmup, grad_mode=False)
     ips, conv_share = {}, {}
     for kind, res in (("train", train), ("sample", sample)):
         ips[kind] = {m: config["batch"] / (res[m]["median_ms"] / 1e3) for m in models}
@@ -630,7 +374,7 @@ def _header(device, quick, part, settings):
     reps, min_time_ms, warmup = settings
     return {
         "benchmark": f"glow-ext bench ({part})",
-        **opbench.report_header(device),
+        **report_header(device),
         "config": {"quick": quick, "dtype": "float32", "reps": reps, "min_time_ms": min_time_ms,
                    "warmup": warmup,
                    "statistics": "median and interquartile range of reps measurements, each the mean "
@@ -688,8 +432,8 @@ def run(args, stream=sys.stdout):
         raise BenchError("glow_ext was built without CUDA kernels")
     if args.quick:
         _refuse_to_overwrite_full_results(out_dir, parts, device)
-    if device == "cpu" and not all(os.environ.get(name) for name in opbench.MALLOC_ENV):
-        print("bench: note: " + " and ".join(opbench.MALLOC_ENV) + " are not set; CPU timings may be "
+    if device == "cpu" and not all(os.environ.get(name) for name in MALLOC_ENV):
+        print("bench: note: " + " and ".join(MALLOC_ENV) + " are not set; CPU timings may be "
               "bimodal between runs (scripts/main.sh sets them)", file=stream)
 
     p = plan(device, args.quick)

@@ -1,4 +1,5 @@
-"""The train, sample, evaluate and ablate commands (registered in glow_ext.__main__.COMMANDS).
+"""The train, sample and evaluate commands (registered in glow_ext.__main__.COMMANDS; ablate is
+glow_ext.training.ablation). Each module is imported when its command runs.
 
 Exit statuses: 0 done, 2 a clear error (bad arguments, missing data, unreadable checkpoint),
 3 training diverged (NaN/Inf loss).
@@ -6,14 +7,12 @@ Exit statuses: 0 done, 2 a clear error (bad arguments, missing data, unreadable 
 from __future__ import annotations
 
 import json
-import math
-import statistics
 import sys
-import time
 from pathlib import Path
 
 
-def _error(command: str, e: Exception) -> int:
+def report_error(command: str, e: Exception) -> int:
+    """Prints `glow-ext COMMAND: error: ...` and returns exit status 2."""
     print(f"glow-ext {command}: error: {e}", file=sys.stderr)
     return 2
 
@@ -22,15 +21,36 @@ def _error(command: str, e: Exception) -> int:
 # train
 
 def train_arguments(parser):
-    from .loop import add_train_arguments
+    from .config import add_train_arguments
 
     add_train_arguments(parser)
 
 
-def train_run(args):
-    from .loop import run_from_args
+def train_run(args) -> int:
+    """`glow-ext train`: the exit status (0 done, 2 a clear error, 3 diverged)."""
+    from .checkpoint import load_checkpoint
+    from .config import config_from_args, defaults_for
+    from .data import DataError
+    from .errors import TrainingDiverged, TrainingError
+    from .loop import train
 
-    return run_from_args(args)
+    try:
+        base = None
+        if args.resume:
+            out = Path(args.out or defaults_for(args.dataset)["out"])
+            path = out / "checkpoint.pt" if args.resume == "auto" else Path(args.resume)
+            base = load_checkpoint(path)["config"]
+            if args.out is None and args.resume != "auto":
+                args.out = base.get("out")
+        config = config_from_args(args, base)
+        train(config, resume=args.resume, force=args.force)
+        return 0
+    except TrainingDiverged as e:
+        print(f"glow-ext train: {e}", file=sys.stderr)
+        return 3
+    except (TrainingError, DataError) as e:
+        print(f"glow-ext train: error: {e}", file=sys.stderr)
+        return 2
 
 
 # --------------------------------------------------------------------------------------------------
@@ -51,38 +71,41 @@ def sample_checkpoint(checkpoint, n=64, temperature=0.7, label=None, seed=0, dev
                       out="samples.png") -> Path:
     import torch
 
-    from . import loop as gtrain
+    from .checkpoint import load_checkpoint, model_from_checkpoint
+    from .distributed import resolve_device
+    from .errors import TrainingError
+    from .evaluation import class_cycle, write_sample_grid
 
     if n < 1:
-        raise gtrain.TrainingError(f"--n must be positive, got {n}")
+        raise TrainingError(f"--n must be positive, got {n}")
     if temperature < 0:
-        raise gtrain.TrainingError(f"--temperature must be >= 0, got {temperature}")
-    device = gtrain.resolve_device(device)
-    state = gtrain.load_checkpoint(checkpoint)
-    model, config = gtrain.model_from_checkpoint(state, device)
+        raise TrainingError(f"--temperature must be >= 0, got {temperature}")
+    device = resolve_device(device)
+    state = load_checkpoint(checkpoint)
+    model, config = model_from_checkpoint(state, device)
     n_classes = model.n_classes or 0
     if label is not None:
         if not n_classes:
-            raise gtrain.TrainingError("--label needs a class-conditional model; this checkpoint's "
-                                       "model is unconditional")
+            raise TrainingError("--label needs a class-conditional model; this checkpoint's "
+                                "model is unconditional")
         if not 0 <= label < n_classes:
-            raise gtrain.TrainingError(f"--label {label} is out of range: the model has {n_classes} "
-                                       f"classes (0..{n_classes - 1})")
+            raise TrainingError(f"--label {label} is out of range: the model has {n_classes} "
+                                f"classes (0..{n_classes - 1})")
         labels = torch.full((n,), label, dtype=torch.int64)
     else:
-        labels = gtrain._class_cycle(n, n_classes) if n_classes else None
-    return gtrain.write_sample_grid(model, out, n, int(state["n_bins"]), temperature, seed, labels)
+        labels = class_cycle(n, n_classes) if n_classes else None
+    return write_sample_grid(model, out, n, int(state["n_bins"]), temperature, seed, labels)
 
 
 def sample_run(args):
     from .data import DataError
-    from .loop import TrainingError
+    from .errors import TrainingError
 
     try:
         path = sample_checkpoint(args.checkpoint, args.n, args.temperature, args.label, args.seed,
                                  args.device, args.out)
     except (TrainingError, DataError) as e:
-        return _error("sample", e)
+        return report_error("sample", e)
     print(path)
     return 0
 
@@ -102,251 +125,37 @@ def evaluate_arguments(parser):
 def evaluate_checkpoint(checkpoint, split="test", data_dir=None, batch_size=512, device="auto",
                         amp="none") -> dict:
     """Bits/dim of a checkpoint's model on its dataset's split (the trainer's fixed noise)."""
-    from . import data as gdata
-    from . import loop as gtrain
+    from .checkpoint import load_checkpoint, model_from_checkpoint
+    from .data import load_splits
+    from .distributed import autocast_context, resolve_device
+    from .errors import TrainingError
+    from .evaluation import evaluate_bpd
 
-    device = gtrain.resolve_device(device)
-    gtrain.autocast_context(amp, device)
-    state = gtrain.load_checkpoint(checkpoint)
-    model, config = gtrain.model_from_checkpoint(state, device)
-    splits = gdata.load_splits(config["dataset"], data_dir or config["data_dir"], config["image_size"],
-                               config["n_bits"], config["channels"], config["test_fraction"])
+    device = resolve_device(device)
+    autocast_context(amp, device)
+    state = load_checkpoint(checkpoint)
+    model, config = model_from_checkpoint(state, device)
+    splits = load_splits(config["dataset"], data_dir or config["data_dir"], config["image_size"],
+                         config["n_bits"], config["channels"], config["test_fraction"])
     dataset = splits.test if split == "test" else splits.train
     if tuple(dataset.image_shape) != tuple(state["image_shape"]):
-        raise gtrain.TrainingError(f"the data has shape {dataset.image_shape}, the model "
-                                   f"{tuple(state['image_shape'])}")
-    bpd = gtrain.evaluate_bpd(model, dataset, device, batch_size, bool(model.n_classes), amp)
+        raise TrainingError(f"the data has shape {dataset.image_shape}, the model "
+                            f"{tuple(state['image_shape'])}")
+    bpd = evaluate_bpd(model, dataset, device, batch_size, bool(model.n_classes), amp)
     return {"bpd": bpd, "split": split, "n_images": len(dataset), "dataset": config["dataset"],
             "step": int(state["step"]), "checkpoint": str(checkpoint)}
 
 
 def evaluate_run(args):
     from .data import DataError
-    from .loop import TrainingError
+    from .errors import TrainingError
 
     try:
         result = evaluate_checkpoint(args.checkpoint, args.split, args.data_dir, args.batch_size,
                                      args.device, args.amp)
     except (TrainingError, DataError) as e:
-        return _error("evaluate", e)
+        return report_error("evaluate", e)
     print(f"{result['split']} bpd {result['bpd']:.4f} ({result['n_images']} images, step "
           f"{result['step']})", file=sys.stderr)
     print(json.dumps(result))
-    return 0
-
-
-# --------------------------------------------------------------------------------------------------
-# ablate: the paper's Figure 3 question on digits
-
-ABLATION_PERMUTATIONS = ("reverse", "shuffle", "invconv_lu")
-# The digits default model (glow_ext.train.DATASET_DEFAULTS["digits"]: dropout 0.2, logit
-# preprocessing) with half its steps: 9 runs take ~10 minutes on 2 CPU cores.
-ABLATION_DEFAULTS = dict(steps=1500, K=8, L=3, hidden=64, batch_size=64, lr=2e-3, warmup=200,
-                         eval_every=100)
-
-
-def ablate_arguments(parser):
-    d = ABLATION_DEFAULTS
-    parser.add_argument("--out", default="benchmarks/results/ablation",
-                        help="results folder (default benchmarks/results/ablation)")
-    parser.add_argument("--permutations", default=",".join(ABLATION_PERMUTATIONS),
-                        help="comma-separated (default reverse,shuffle,invconv_lu)")
-    parser.add_argument("--seeds", default="0,1,2", help="comma-separated (default 0,1,2)")
-    parser.add_argument("--coupling", choices=("affine", "additive"), default="affine")
-    parser.add_argument("--steps", type=int, default=d["steps"],
-                        help=f"optimizer steps per run, the same for all (default {d['steps']})")
-    parser.add_argument("--time-limit", type=float, help="also stop each run after this many seconds "
-                        "(then the budgets differ in steps: the 1x1 conv is slower per step)")
-    parser.add_argument("--K", type=int, default=d["K"])
-    parser.add_argument("--L", type=int, default=d["L"])
-    parser.add_argument("--hidden", type=int, default=d["hidden"])
-    parser.add_argument("--batch-size", type=int, default=d["batch_size"])
-    parser.add_argument("--lr", type=float, default=d["lr"])
-    parser.add_argument("--warmup", type=int, default=d["warmup"])
-    parser.add_argument("--eval-every", type=int, default=d["eval_every"])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--runs-dir", help="keep each run's folder (checkpoints, metrics, samples) "
-                        "here; default: a temporary folder, deleted at the end")
-
-
-def _mean_std(values):
-    values = [v for v in values if v is not None and math.isfinite(v)]
-    if not values:
-        return math.nan, math.nan
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
-def _ordering(means: dict) -> dict:
-    """Does learned 1x1 <= shuffle <= reverse hold (mean test bpd over seeds)?"""
-    needed = ("invconv_lu", "shuffle", "reverse")
-    if not all(k in means and math.isfinite(means[k]) for k in needed):
-        return {"holds": None, "observed": None}
-    observed = " < ".join(sorted(needed, key=lambda k: means[k]))
-    holds = means["invconv_lu"] <= means["shuffle"] <= means["reverse"]
-    return {"holds": holds, "observed": observed}
-
-
-def run_ablation(out="benchmarks/results/ablation", permutations=ABLATION_PERMUTATIONS, seeds=(0, 1, 2),
-                 coupling="affine", steps=ABLATION_DEFAULTS["steps"], time_limit=None, K=8, L=3,
-                 hidden=64, batch_size=64, lr=2e-3, warmup=200, eval_every=100, device="cpu",
-                 log=print, runs_dir=None) -> dict:
-    """Trains every (permutation, seed) on digits with the same budget (steps, and the time limit
-    if given), the rest of the digits defaults unchanged; writes ablation.json, ablation.md and
-    ablation.png into `out` and returns the results. Each run's folder goes under `runs_dir`, or
-    a temporary folder deleted at the end."""
-    import shutil
-    import tempfile
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    scratch = None if runs_dir else tempfile.mkdtemp(prefix="glow-ablation-")
-    runs_root = Path(runs_dir or scratch)
-    try:
-        return _run_ablation(out, runs_root, permutations, seeds, coupling, steps, time_limit, K, L,
-                             hidden, batch_size, lr, warmup, eval_every, device, log)
-    finally:
-        if scratch:
-            shutil.rmtree(scratch, ignore_errors=True)
-
-
-def _run_ablation(out, runs_root, permutations, seeds, coupling, steps, time_limit, K, L, hidden,
-                  batch_size, lr, warmup, eval_every, device, log) -> dict:
-    from . import loop as gtrain
-
-    runs = []
-    t0 = time.perf_counter()
-    for perm in permutations:
-        for seed in seeds:
-            config = gtrain.defaults_for("digits")
-            config.update(dataset="digits", K=K, L=L, hidden=hidden, coupling=coupling,
-                          permutation=perm, steps=steps, batch_size=batch_size, lr=lr, warmup=warmup,
-                          lr_decay="cosine", eval_every=eval_every, sample_every=0,
-                          log_every=max(1, steps // 4), seed=seed, device=device,
-                          time_limit=time_limit, out=str(runs_root / f"{perm}-seed{seed}"))
-            log(f"== ablation run {len(runs) + 1}/{len(permutations) * len(seeds)}: {perm}, seed {seed}",
-                file=sys.stderr)
-            summary = gtrain.train(config, force=True)
-            metrics = [json.loads(line) for line in
-                       (Path(config["out"]) / "metrics.jsonl").read_text().splitlines()]
-            speeds = [m["it_per_s"] for m in metrics if m["split"] == "train" and m["step"] > 1]
-            runs.append({"permutation": perm, "seed": seed, "best_test_bpd": summary["best_test_bpd"],
-                         "best_step": summary["best_step"], "final_test_bpd": summary["final_test_bpd"],
-                         "steps": summary["step"], "wall_s": summary["wall_s"],
-                         "it_per_s": statistics.median(speeds) if speeds else None,
-                         "n_params": summary["n_params"]})
-    per_perm = {}
-    for perm in permutations:
-        rs = [r for r in runs if r["permutation"] == perm]
-        best_mean, best_std = _mean_std([r["best_test_bpd"] for r in rs])
-        final_mean, final_std = _mean_std([r["final_test_bpd"] for r in rs])
-        per_perm[perm] = {"best_mean": best_mean, "best_std": best_std, "final_mean": final_mean,
-                          "final_std": final_std,
-                          "wall_s_mean": statistics.fmean(r["wall_s"] for r in rs),
-                          "it_per_s_mean": statistics.fmean(r["it_per_s"] for r in rs if r["it_per_s"]),
-                          "n_params": rs[0]["n_params"]}
-    verdict = {"best": _ordering({k: v["best_mean"] for k, v in per_perm.items()}),
-               "final": _ordering({k: v["final_mean"] for k, v in per_perm.items()})}
-    digits = gtrain.defaults_for("digits")
-    result = {"setup": {"dataset": "digits (1500 train / 297 test, 17 levels)", "coupling": coupling,
-                        "dropout": digits["dropout"], "logit_alpha": digits["logit_alpha"],
-                        "K": K, "L": L, "hidden": hidden, "steps": steps, "time_limit": time_limit,
-                        "batch_size": batch_size, "lr": lr, "warmup": warmup, "lr_decay": "cosine",
-                        "optimizer": "adam", "eval_every": eval_every, "seeds": list(seeds),
-                        "device": device},
-              "runs": runs, "per_permutation": per_perm, "paper_ordering": verdict,
-              "total_wall_s": time.perf_counter() - t0}
-    (out / "ablation.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "ablation.md").write_text(ablation_markdown(result))
-    try:
-        ablation_plot(result, out / "ablation.png")
-    except ImportError as e:  # pragma: no cover - matplotlib is a dependency
-        log(f"no plot: {e}", file=sys.stderr)
-    return result
-
-
-def ablation_markdown(result: dict) -> str:
-    s = result["setup"]
-    seeds = s["seeds"]
-    limit = f" (time limit {s['time_limit']:g} s)" if s["time_limit"] else ""
-    names = {"reverse": "reverse", "shuffle": "shuffle", "invconv_lu": "learned 1x1 conv (LU)",
-             "invconv": "learned 1x1 conv (dense)"}
-    lines = [
-        f"# Permutation ablation on digits ({s['coupling']} coupling)", "",
-        f"Glow K={s['K']} L={s['L']} hidden={s['hidden']}, {s['steps']} steps of batch {s['batch_size']} "
-        f"per run{limit}, "
-        f"Adam lr {s['lr']} ({s['warmup']} warm-up steps, cosine decay), coupling dropout "
-        f"{s['dropout']}, logit preprocessing a={s['logit_alpha']}, test bpd every "
-        f"{s['eval_every']} steps on the 297 held-out digits; device {s['device']}. "
-        f"Seeds {', '.join(map(str, seeds))}. Lower is better.", "",
-        "| permutation | best test bpd per seed | best: mean ± std | final test bpd: mean ± std "
-        "| it/s | wall s/run |",
-        "| --- | --- | --- | --- | --- | --- |",
-    ]
-    for perm, p in result["per_permutation"].items():
-        per_seed = ", ".join(f"{r['best_test_bpd']:.3f}" for r in result["runs"] if r["permutation"] == perm)
-        lines.append(f"| {names.get(perm, perm)} | {per_seed} | {p['best_mean']:.3f} ± {p['best_std']:.3f} "
-                     f"| {p['final_mean']:.3f} ± {p['final_std']:.3f} | {p['it_per_s_mean']:.1f} "
-                     f"| {p['wall_s_mean']:.0f} |")
-    lines.append("")
-    for kind, label in (("best", "best test bpd (held-out selection)"), ("final", "final test bpd")):
-        v = result["paper_ordering"][kind]
-        if v["holds"] is None:
-            lines.append(f"- {label}: not all three permutations were run.")
-        else:
-            lines.append(f"- {label}: observed order {v['observed']} — the paper's ordering "
-                         f"(learned 1x1 ≤ shuffle ≤ reverse) {'holds' if v['holds'] else 'does NOT hold'}.")
-    lines.append(f"\nTotal wall time {result['total_wall_s']:.0f} s. Raw numbers: ablation.json.\n")
-    return "\n".join(lines)
-
-
-def ablation_plot(result: dict, path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    perms = list(result["per_permutation"])
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    for i, kind in enumerate(("best", "final")):
-        means = [result["per_permutation"][p][f"{kind}_mean"] for p in perms]
-        stds = [result["per_permutation"][p][f"{kind}_std"] for p in perms]
-        xs = [j + (i - 0.5) * 0.38 for j in range(len(perms))]
-        ax.bar(xs, means, width=0.36, yerr=stds, capsize=4, label=f"{kind} test bpd",
-               color=("#4c72b0", "#dd8452")[i], alpha=0.85)
-        for j, p in enumerate(perms):
-            vals = [r[f"{kind}_test_bpd"] for r in result["runs"] if r["permutation"] == p]
-            ax.scatter([xs[j]] * len(vals), vals, color="k", s=10, zorder=3)
-    values = [r[f"{k}_test_bpd"] for r in result["runs"] for k in ("best", "final")
-              if r[f"{k}_test_bpd"] is not None and math.isfinite(r[f"{k}_test_bpd"])]
-    if values:
-        lo, hi = min(values), max(values)
-        ax.set_ylim(lo - 0.3 * (hi - lo + 0.05), hi + 0.3 * (hi - lo + 0.05))
-    ax.set_xticks(range(len(perms)))
-    ax.set_xticklabels(perms)
-    ax.set_ylabel("test bits/dim (lower is better)")
-    s = result["setup"]
-    ax.set_title(f"digits, {s['coupling']} coupling, K={s['K']} L={s['L']} width {s['hidden']}, "
-                 f"{s['steps']} steps, {len(s['seeds'])} seeds", fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-def ablate_run(args):
-    from .data import DataError
-    from .loop import TrainingError
-
-    try:
-        perms = [p.strip() for p in args.permutations.split(",") if p.strip()]
-        for p in perms:
-            if p not in ("reverse", "shuffle", "invconv_lu", "invconv"):
-                raise TrainingError(f"unknown permutation {p!r}")
-        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-        run_ablation(args.out, perms, seeds, args.coupling, args.steps, args.time_limit, args.K,
-                     args.L, args.hidden, args.batch_size, args.lr, args.warmup, args.eval_every,
-                     args.device, runs_dir=args.runs_dir)
-    except (TrainingError, DataError, ValueError) as e:
-        return _error("ablate", e)
-    print((Path(args.out) / "ablation.md").read_text())
     return 0
