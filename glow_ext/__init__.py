@@ -1,4 +1,10 @@
-"""glow_ext: fast, exact Glow layers on fused C++/CUDA kernels."""
+"""glow_ext: fast, exact Glow layers on fused C++/CUDA kernels.
+
+The library: `ops` (the fused ops), `reference` (the same math in plain PyTorch), `nn` (layers),
+`models` (Glow, LogitGlow), `reversible` (reversible backprop), `compat` (drop-in layers for two
+Glow code bases). The training application (glow_ext.training) and the benchmarks
+(glow_ext.bench) are subpackages that `import glow_ext` does not load.
+"""
 from . import nn, ops, reference
 
 __version__ = "0.1.0"

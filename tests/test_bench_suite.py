@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from glow_ext.bench import curves, report as bench_report, suite as bench_suite
+from glow_ext.bench import curves as bench_curves, report as bench_report, suite as bench_suite
 from glow_ext.models import Glow
 
 from conftest import repo_root
@@ -28,19 +28,19 @@ def test_fit_power_law_recovers_the_exponent_of_each_regime():
     # Flat (launch overhead) below 64, cubic above, with +-3% multiplicative jitter.
     jitter = [1.03, 0.97, 1.01, 0.98, 1.02, 0.99, 1.03, 0.97, 1.0]
     times = [max(0.01, 2e-9 * c ** 3) * j for c, j in zip(channels, jitter)]
-    fit = curves.fit_power_law(channels, times, min_c=256)
+    fit = bench_curves.fit_power_law(channels, times, min_c=256)
     assert fit["n_points"] == 4 and fit["min_c"] == 256
     assert abs(fit["slope"] - 3.0) < 0.05
     assert fit["prefactor_ms"] == pytest.approx(2e-9, rel=0.2)
-    flat = curves.fit_power_law(channels, [0.006 * j for j in jitter], min_c=256)
+    flat = bench_curves.fit_power_law(channels, [0.006 * j for j in jitter], min_c=256)
     assert abs(flat["slope"]) < 0.05
-    exact = curves.fit_power_law([256, 512, 1024], [5 * c ** 1.5 for c in (256, 512, 1024)], 256)
+    exact = bench_curves.fit_power_law([256, 512, 1024], [5 * c ** 1.5 for c in (256, 512, 1024)], 256)
     assert exact["slope"] == pytest.approx(1.5, abs=1e-12)
     assert exact["prefactor_ms"] == pytest.approx(5.0, rel=1e-9)
 
 
 def test_fit_power_law_needs_two_points():
-    fit = curves.fit_power_law([8, 16, 512], [1.0, 2.0, 3.0], min_c=256)
+    fit = bench_curves.fit_power_law([8, 16, 512], [1.0, 2.0, 3.0], min_c=256)
     assert fit["n_points"] == 1 and math.isnan(fit["slope"])
 
 
@@ -57,21 +57,21 @@ def test_glow_level_shapes_follow_squeeze_and_split():
 
 
 def test_cost_curve_channels_are_powers_of_two_and_glows_12_times_2_to_the_k():
-    channels = curves.LOGDET_CHANNELS
+    channels = bench_curves.LOGDET_CHANNELS
     assert channels[0] == 8 and channels[-1] == 2048 and list(channels) == sorted(set(channels))
     assert {12, 24, 48, 96, 192, 384, 768, 1536} <= set(channels)
     assert {2 ** k for k in range(3, 12)} <= set(channels)
 
 
 def test_curve_check_catches_a_wrong_method(monkeypatch):
-    cp = curves.CurveProblem(16, "cpu")
-    errors = curves.check_curve_problem(cp)
-    assert max(errors.values()) < curves.CURVE_TOL
+    cp = bench_curves.CurveProblem(16, "cpu")
+    errors = bench_curves.check_curve_problem(cp)
+    assert max(errors.values()) < bench_curves.CURVE_TOL
     assert {"logdet.lu", "logdet.slogdet_f64", "inverse.ours_op", "inverse.triangular"} <= set(errors)
-    wrong_logdet = (lambda cp, logs, log_s: curves.logdet_lu(cp, logs, 2 * log_s), ("logs", "log_s"))
-    monkeypatch.setitem(curves.CURVES["logdet"], "lu", wrong_logdet)
+    wrong_logdet = (lambda cp, logs, log_s: bench_curves.logdet_lu(cp, logs, 2 * log_s), ("logs", "log_s"))
+    monkeypatch.setitem(bench_curves.CURVES["logdet"], "lu", wrong_logdet)
     with pytest.raises(bench_suite.BenchError, match="logdet.lu"):
-        curves.check_curve_problem(cp)
+        bench_curves.check_curve_problem(cp)
 
 
 def test_e2e_check_catches_models_with_different_weights():
@@ -139,8 +139,8 @@ def test_quick_mode_writes_sane_results(tmp_path):
     curves = reports["logdet"]
     channels = [str(c) for c in curves["channels"]]
     assert sorted(curves["checks"]) == sorted(channels)
-    for curve, methods in curves.CURVES.items():
-        for mode in curves.CURVE_MODES:
+    for curve, methods in bench_curves.CURVES.items():
+        for mode in bench_curves.CURVE_MODES:
             for method in methods:
                 per_c = curves["times"][curve][mode][method]
                 assert sorted(per_c) == sorted(channels)
