@@ -4,7 +4,10 @@ Most runs call glow_ext.__main__.main in-process; resume-after-kill, torchrun (D
 `python -m glow_ext` smoke test run in subprocesses with timeouts.
 """
 import json
+import errno
+import io
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -17,6 +20,7 @@ import torch
 from conftest import repo_root
 from glow_ext import training as gtrain
 from glow_ext.models import LogitGlow
+from glow_ext.training.errors import EXIT_INTERRUPTED
 from glow_ext.__main__ import main
 
 ROOT = Path(repo_root())
@@ -124,7 +128,23 @@ def test_resume_gives_the_uninterrupted_losses(tmp_path):
         assert torch.equal(a[k], b[k]), k
 
 
-def test_resume_after_kill_continues_with_the_same_next_loss(tmp_path):
+def wait_for_checkpoint(proc, run, min_step):
+    deadline = time.monotonic() + SUBPROCESS_TIMEOUT
+    while time.monotonic() < deadline:
+        ckpt = run / "checkpoint.pt"
+        if ckpt.exists() and gtrain.load_checkpoint(ckpt)["step"] >= min_step:
+            return
+        assert proc.poll() is None, proc.stderr.read().decode()
+        time.sleep(0.2)
+    pytest.fail(f"the run wrote no checkpoint at step >= {min_step} in time")
+
+
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGTERM", "SIGINT"])
+def test_resume_after_kill_continues_with_the_same_next_loss(tmp_path, sig):
+    """SIGKILL: the run dies at once and resumes from its last periodic checkpoint. SIGTERM and
+    SIGINT: it stops after the step in progress, writes its checkpoint at that step, prints the
+    command that resumes it and exits with EXIT_INTERRUPTED. Either way, resuming computes the loss
+    the uninterrupted run computes."""
     run = tmp_path / "killed"
     args = [*TINY, "--lr-decay", "none", "--steps", "100000", "--checkpoint-every", "3",
             "--eval-every", "100000", "--time-limit", "150", "--out", str(run)]
@@ -132,17 +152,10 @@ def test_resume_after_kill_continues_with_the_same_next_loss(tmp_path):
                             env=env_for_subprocess(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, start_new_session=True)
     try:
-        deadline = time.monotonic() + SUBPROCESS_TIMEOUT
-        while time.monotonic() < deadline:
-            ckpt = run / "checkpoint.pt"
-            if ckpt.exists() and gtrain.load_checkpoint(ckpt)["step"] >= 6:
-                break
-            assert proc.poll() is None, proc.stderr.read().decode()
-            time.sleep(0.2)
-        else:
-            pytest.fail("the run wrote no checkpoint at step >= 6 in time")
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
+        wait_for_checkpoint(proc, run, 6)
+        os.killpg(proc.pid, getattr(signal, sig))
+        proc.wait(timeout=60)
+        stderr = proc.stderr.read().decode()
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -150,6 +163,14 @@ def test_resume_after_kill_continues_with_the_same_next_loss(tmp_path):
     step = gtrain.load_checkpoint(run / "checkpoint.pt")["step"]
     before = train_losses(run)
     logged_next = before.get(step + 1)  # what the killed process computed after its checkpoint
+    if sig != "SIGKILL":
+        assert proc.returncode == EXIT_INTERRUPTED, stderr[-3000:]
+        # The checkpoint is at the last step it logged, not at the last periodic checkpoint.
+        assert max(before) == step and sorted(before) == list(range(1, step + 1))
+        resume_line = [line for line in stderr.splitlines() if "Resume with:" in line]
+        assert len(resume_line) == 1, stderr[-3000:]
+        assert f"stopped by {sig} at step {step}" in resume_line[0]
+        assert resume_line[0].endswith(f"Resume with: glow-ext train --resume --out {shlex.quote(str(run))}")
 
     result = run_cli(["train", "--resume", "--out", str(run), "--steps", str(step + 1),
                       "--time-limit", "1000"])
@@ -167,6 +188,102 @@ def test_resume_after_kill_continues_with_the_same_next_loss(tmp_path):
     result = run_cli(["train", *fresh_args])
     assert result.returncode == 0, result.stderr
     assert train_losses(fresh)[step + 1] == resumed
+
+
+def test_a_stop_signal_abandons_the_evaluation_and_resume_redoes_it(tmp_path, monkeypatch, capsys):
+    """SIGTERM while the test set is being evaluated: the evaluation stops between two batches,
+    the checkpoint notes it as pending, and the resumed run evaluates that step first, as the
+    uninterrupted run did."""
+    from glow_ext.training import evaluation
+
+    original = evaluation.gdata.dequantize
+    batches = {"n": 0}
+
+    def dequantize_then_signal(levels, n_bins, **kwargs):
+        if levels.shape[0] == 32:  # an evaluation batch (--eval-batch-size 32)
+            batches["n"] += 1
+            if batches["n"] == 2:
+                signal.raise_signal(signal.SIGTERM)
+        return original(levels, n_bins, **kwargs)
+
+    args = [*TINY, "--steps", "6", "--eval-every", "3", "--eval-batch-size", "32"]
+    monkeypatch.setattr(evaluation.gdata, "dequantize", dequantize_then_signal)
+    assert main(["train", *args, "--out", str(tmp_path / "split")]) == EXIT_INTERRUPTED
+    monkeypatch.setattr(evaluation.gdata, "dequantize", original)
+    assert "stopped by SIGTERM at step 3" in capsys.readouterr().err
+    state = gtrain.load_checkpoint(tmp_path / "split" / "checkpoint.pt")
+    assert state["step"] == 3 and state["pending"] == {"eval": True, "samples": False}
+    assert batches["n"] == 2 and read_metrics(tmp_path / "split", "test") == []
+
+    assert main(["train", "--resume", "--out", str(tmp_path / "split")]) == 0
+    assert main(["train", *args, "--out", str(tmp_path / "full")]) == 0
+    split, full = read_metrics(tmp_path / "split", "test"), read_metrics(tmp_path / "full", "test")
+    assert [m["step"] for m in split] == [m["step"] for m in full] == [3, 6]
+    assert [m["bpd"] for m in split] == [m["bpd"] for m in full]
+
+
+def descendants_with_rank(pid, rank):
+    """The pid of the process under `pid` (torchrun) whose environment has RANK=rank."""
+    children = [pid]
+    found = []
+    while children:
+        parent = children.pop()
+        try:
+            kids = [int(k) for k in Path(f"/proc/{parent}/task/{parent}/children").read_text().split()]
+        except OSError:
+            continue
+        children.extend(kids)
+        for kid in kids:
+            try:
+                environ = Path(f"/proc/{kid}/environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if f"RANK={rank}".encode() in environ:
+                found.append(kid)
+    return found
+
+
+def test_torchrun_ranks_stop_together_on_a_signal_to_one(tmp_path):
+    """SIGTERM to rank 1 only: rank 0 learns of it through the step's all-reduce, both stop after
+    the same step, rank 0 writes the one checkpoint, and the run resumed on two processes gives the
+    losses of an uninterrupted one-process run."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    if not torchrun.exists() or not Path("/proc/self/task").exists():
+        pytest.skip("needs torchrun next to this python and Linux's /proc")
+    run = tmp_path / "two"
+    args = ["train", *TINY, "--lr-decay", "none", "--optimizer", "sgd", "--lr", "0.02",
+            "--dropout", "0", "--eval-every", "100000", "--checkpoint-every", "3"]
+    proc = subprocess.Popen([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "glow_ext",
+                             *args, "--steps", "100000", "--time-limit", "150", "--out", str(run)],
+                            cwd=ROOT, env=env_for_subprocess(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        wait_for_checkpoint(proc, run, 3)
+        rank1 = descendants_with_rank(proc.pid, 1)
+        assert len(rank1) == 1, rank1
+        os.kill(rank1[0], signal.SIGTERM)
+        proc.wait(timeout=SUBPROCESS_TIMEOUT)
+        stderr = proc.stderr.read().decode()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.stderr.close()
+    assert "stopped by a stop signal received by another process" in stderr, stderr[-4000:]
+    assert stderr.count("Resume with: torchrun --nproc_per_node 2 -m glow_ext train --resume") == 1
+    step = gtrain.load_checkpoint(run / "checkpoint.pt")["step"]
+    assert sorted(train_losses(run)) == list(range(1, step + 1))
+
+    two = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "glow_ext",
+                          "train", "--resume", "--out", str(run), "--steps", str(step + 2)], cwd=ROOT,
+                         env=env_for_subprocess(), capture_output=True, text=True,
+                         timeout=SUBPROCESS_TIMEOUT)
+    assert two.returncode == 0, two.stderr[-4000:]
+    one = run_cli([*args, "--steps", str(step + 2), "--out", str(tmp_path / "one")])
+    assert one.returncode == 0, one.stderr
+    l1, l2 = train_losses(tmp_path / "one"), train_losses(run)
+    assert sorted(l1) == sorted(l2) == list(range(1, step + 3))
+    for s in l1:
+        assert abs(l1[s] - l2[s]) <= 1e-5, (s, l1[s], l2[s])
 
 
 # Written by the trainer before it moved to glow_ext.training and to AveragedModel for the EMA
@@ -241,6 +358,107 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
     assert state["step"] == 5
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
     assert max(train_losses(run)) == 6
+
+
+class FailingWrites:
+    """Simulates a disk fault in the Nth write of a run file: after `after` good writes of the file
+    named `name`, the next one fails with OSError(code) at `stage` (write: half the bytes reach the
+    disk first; fsync; replace)."""
+
+    def __init__(self, monkeypatch, name, stage, code, after):
+        from glow_ext.training import checkpoint
+
+        self.name, self.stage, self.code, self.left = name, stage, code, after
+        self.failed = False
+        real_fsync, real_replace, real_write = os.fsync, os.replace, os.write
+        test = self
+
+        class HalfWrittenFile(io.FileIO):
+            def write(self, data):
+                super().write(bytes(data)[: len(data) // 2])
+                raise OSError(test.code, os.strerror(test.code))
+
+        def fsync(fd):
+            if test.hit("fsync", os.readlink(f"/proc/self/fd/{fd}")):
+                raise OSError(code, os.strerror(code))
+            return real_fsync(fd)
+
+        def replace(src, dst):
+            if test.hit("replace", str(dst)):
+                raise OSError(code, os.strerror(code))
+            return real_replace(src, dst)
+
+        def write(fd, data):
+            if test.hit("append", os.readlink(f"/proc/self/fd/{fd}")):
+                real_write(fd, bytes(data)[: len(data) // 2])
+                raise OSError(code, os.strerror(code))
+            return real_write(fd, data)
+
+        def open_for_checkpoint(path, mode="r", *args, **kwargs):
+            if mode == "wb" and test.hit("write", str(path)):
+                return HalfWrittenFile(path, mode)
+            return open(path, mode, *args, **kwargs)
+
+        monkeypatch.setattr(os, "fsync", fsync)
+        monkeypatch.setattr(os, "replace", replace)
+        monkeypatch.setattr(os, "write", write)
+        monkeypatch.setattr(checkpoint, "open", open_for_checkpoint, raising=False)
+
+    def hit(self, stage, path):
+        """Whether this call (at `stage`, on `path`) is the one to fail."""
+        base = Path(path).name
+        if stage != self.stage or self.failed or not (base == self.name or
+                                                      base.startswith(f".{self.name}.tmp")):
+            return False
+        if self.left > 0:
+            self.left -= 1
+            return False
+        self.failed = True
+        return True
+
+
+def all_lines_parse(path):
+    return all(isinstance(json.loads(line), dict) for line in Path(path).read_text().splitlines())
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").exists(), reason="finds file names through /proc")
+@pytest.mark.parametrize("name,stage,code", [
+    ("checkpoint.pt", "write", errno.ENOSPC), ("checkpoint.pt", "fsync", errno.EIO),
+    ("checkpoint.pt", "replace", errno.ENOSPC), ("best.pt", "write", errno.ENOSPC),
+    ("metrics.jsonl", "append", errno.ENOSPC),
+])
+def test_a_failing_write_keeps_the_previous_files_and_stops_with_a_clear_error(
+        tmp_path, monkeypatch, capsys, name, stage, code):
+    run = tmp_path / "run"
+    args = [*TINY, "--steps", "12", "--checkpoint-every", "2", "--eval-every", "2"]
+    # checkpoint.pt: the write at step 6 fails (those at steps 2 and 4 went through); best.pt: the
+    # third improvement's; metrics.jsonl: the fifth record's (train at step 4: before it come the
+    # train records of steps 1-3 and the test record of step 2).
+    faults = FailingWrites(monkeypatch, name, stage, code, after=4 if name == "metrics.jsonl" else 2)
+    assert main(["train", *args, "--out", str(run)]) == 2
+    assert faults.failed
+    err = capsys.readouterr().err
+    assert name in err and errno.errorcode[code] in err and "Traceback" not in err, err
+    monkeypatch.undo()
+    # The files written before are whole: the checkpoints load, every metrics line parses.
+    step = gtrain.load_checkpoint(run / "checkpoint.pt")["step"]
+    assert step == {"checkpoint.pt": 4, "metrics.jsonl": 2}.get(name, step)
+    gtrain.load_checkpoint(run / "best.pt")
+    assert all_lines_parse(run / "metrics.jsonl")
+    assert not [f.name for f in run.iterdir() if ".tmp" in f.name]
+    # And the run resumes from its checkpoint.
+    assert main(["train", "--resume", "--out", str(run)]) == 0
+    assert sorted(train_losses(run)) == list(range(1, 13)) and all_lines_parse(run / "metrics.jsonl")
+
+
+def test_resume_drops_a_torn_last_metrics_line(tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--steps", "4", "--eval-every", "2", "--out", str(run)]) == 0
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"split": "train", "step": 5, "loss": 3.1')  # a kill in the middle of a write
+    assert main(["train", "--resume", "--out", str(run), "--steps", "6"]) == 0
+    assert all_lines_parse(run / "metrics.jsonl")
+    assert sorted(train_losses(run)) == list(range(1, 7))
 
 
 def test_huge_learning_rate_diverges_cleanly(tmp_path):

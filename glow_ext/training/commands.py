@@ -1,8 +1,9 @@
 """The train, sample and evaluate commands (registered in glow_ext.__main__.COMMANDS; ablate is
 glow_ext.training.ablation). Each module is imported when its command runs.
 
-Exit statuses: 0 done, 2 a clear error (bad arguments, missing data, unreadable checkpoint),
-3 training diverged (NaN/Inf loss).
+Exit statuses (glow_ext.training.errors): 0 done, 2 a clear error (bad arguments, missing data,
+unreadable checkpoint, a failed write), 3 training diverged (NaN/Inf loss), 75 stopped by SIGTERM
+or SIGINT after writing a checkpoint (resume to continue).
 """
 from __future__ import annotations
 
@@ -13,8 +14,10 @@ from pathlib import Path
 
 def report_error(command: str, e: Exception) -> int:
     """Prints `glow-ext COMMAND: error: ...` and returns exit status 2."""
+    from .errors import EXIT_ERROR
+
     print(f"glow-ext {command}: error: {e}", file=sys.stderr)
-    return 2
+    return EXIT_ERROR
 
 
 # --------------------------------------------------------------------------------------------------
@@ -27,11 +30,12 @@ def train_arguments(parser):
 
 
 def train_run(args) -> int:
-    """`glow-ext train`: the exit status (0 done, 2 a clear error, 3 diverged)."""
+    """`glow-ext train`: the exit status (0 done, 2 a clear error, 3 diverged, 75 interrupted)."""
     from .checkpoint import load_checkpoint
     from .config import config_from_args, defaults_for
     from .data import DataError
-    from .errors import TrainingDiverged, TrainingError
+    from .errors import (EXIT_DIVERGED, EXIT_ERROR, EXIT_INTERRUPTED, TrainingDiverged, TrainingError,
+                         TrainingInterrupted)
     from .loop import train
 
     try:
@@ -45,12 +49,14 @@ def train_run(args) -> int:
         config = config_from_args(args, base)
         train(config, resume=args.resume, force=args.force)
         return 0
+    except TrainingInterrupted:
+        return EXIT_INTERRUPTED  # the trainer printed how to resume
     except TrainingDiverged as e:
         print(f"glow-ext train: {e}", file=sys.stderr)
-        return 3
+        return EXIT_DIVERGED
     except (TrainingError, DataError) as e:
         print(f"glow-ext train: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_ERROR
 
 
 # --------------------------------------------------------------------------------------------------

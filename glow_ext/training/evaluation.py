@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -17,32 +17,50 @@ EVAL_NOISE_SEED = 0x5EED_0E7A1  # the test set's dequantization noise: the same 
 @torch.no_grad()
 def evaluate_bpd(model: nn.Module, dataset: gdata.LevelsDataset, device: torch.device,
                  batch_size: int = 512, conditional: bool = False, amp: str = "none",
-                 ctx: DistContext = DistContext()) -> float:
+                 ctx: DistContext = DistContext(),
+                 stop: Optional[Callable[[], bool]] = None) -> Optional[float]:
     """Mean bits/dim over `dataset` with a fixed dequantization noise (the same in every run and
     for any number of processes: batch b uses seed EVAL_NOISE_SEED + b; under torchrun batch b
-    runs on rank b % world_size and the sums are all-reduced)."""
+    runs on rank b % world_size and the sums are all-reduced).
+
+    stop: asked after every round of batches (one per process); when it says so (on any process:
+    under torchrun the answers are all-reduced, so all processes agree) the evaluation is abandoned
+    and None returned."""
     was_training = model.training
     model.eval()
     n_bins = dataset.n_bins
+    n_batches = -(-len(dataset) // batch_size)
     total = torch.zeros(2, dtype=torch.float64, device=device)
     try:
-        for b, start in enumerate(range(0, len(dataset), batch_size)):
-            if b % ctx.world_size != ctx.rank:
-                continue
-            idx = torch.arange(start, min(start + batch_size, len(dataset)))
-            levels, labels = dataset.batch(idx)
-            levels = levels.to(device, non_blocking=True)
-            x = gdata.dequantize(levels, n_bins, noise=noise(levels.shape, EVAL_NOISE_SEED + b, device))
-            y = labels.to(device) if conditional else None
-            with autocast_context(amp, device):
-                bpd = model.bits_per_dim(x, n_bins, y)
-            total[0] += bpd.double().sum()
-            total[1] += bpd.numel()
+        for first in range(0, n_batches, ctx.world_size):
+            b = first + ctx.rank
+            if b < n_batches:
+                idx = torch.arange(b * batch_size, min((b + 1) * batch_size, len(dataset)))
+                levels, labels = dataset.batch(idx)
+                levels = levels.to(device, non_blocking=True)
+                x = gdata.dequantize(levels, n_bins,
+                                     noise=noise(levels.shape, EVAL_NOISE_SEED + b, device))
+                y = labels.to(device) if conditional else None
+                with autocast_context(amp, device):
+                    bpd = model.bits_per_dim(x, n_bins, y)
+                total[0] += bpd.double().sum()
+                total[1] += bpd.numel()
+            if stop is not None and _any_process(stop(), ctx, device):
+                return None
     finally:
         model.train(was_training)
     if ctx.active:
         torch.distributed.all_reduce(total)
     return (total[0] / total[1]).item()
+
+
+def _any_process(flag: bool, ctx: DistContext, device: torch.device) -> bool:
+    """Whether `flag` is set on any process (a collective under torchrun: every process calls it)."""
+    if not ctx.active:
+        return flag
+    flags = torch.tensor([float(flag)], device=device)
+    torch.distributed.all_reduce(flags)
+    return flags.item() > 0
 
 
 @torch.no_grad()

@@ -23,6 +23,12 @@ all-reduces its statistics (glow_ext.nn), and only rank 0 writes files or prints
 
 A non-finite loss or gradient norm stops the run before the update is applied, with
 TrainingDiverged (exit status 3 from the command line); the last checkpoint written stays as it was.
+
+SIGTERM or SIGINT (glow_ext.training.preemption) stops the run after the step in progress (an
+evaluation between two of its batches), with a checkpoint at the step reached and
+TrainingInterrupted (exit status 75); what that step still had to do (evaluation, samples) is done
+first on resume. A write that fails (disk full, I/O error) stops the run with RunFileError naming
+the file and the errno; the files written before stay whole (glow_ext.training.checkpoint).
 """
 from __future__ import annotations
 
@@ -37,14 +43,15 @@ import numpy as np
 import torch
 
 from . import data as gdata
-from .checkpoint import (CHECKPOINT_FORMAT, atomic_save, atomic_write_text, load_checkpoint,
-                         rng_state, set_rng_state, truncate_metrics)
+from .checkpoint import (CHECKPOINT_FORMAT, MetricsLog, atomic_save, atomic_write_text,
+                         load_checkpoint, rng_state, set_rng_state, truncate_metrics, write_error)
 from .config import FIXED_ON_RESUME, defaults_for, total_steps, validate_config
 from .distributed import DistContext, autocast_context, log, resolve_device, setup_distributed
-from .errors import CheckpointError, TrainingDiverged, TrainingError
+from .errors import CheckpointError, TrainingDiverged, TrainingError, TrainingInterrupted
 from .evaluation import class_cycle, evaluate_bpd, write_sample_grid
 from .objective import (Objective, add_coupling_dropout, build_model, load_ema_state, lr_lambda,
                         make_ema, make_optimizer, noise, step_noise_seed)
+from .preemption import StopRequest, resume_command
 
 
 def train(config: dict, resume: Optional[str] = None, force: bool = False) -> dict:
@@ -86,7 +93,10 @@ class Trainer:
         self.step = 0
         self.best = {"bpd": math.inf, "step": None}
         self.last_eval_step = self.last_test_bpd = None
-        self.metrics_file = None
+        self.metrics = None
+        # What a run stopped by a signal had still to do at its last step: done first on resume.
+        self.pending = {"eval": False, "samples": False}
+        self.stop_request = StopRequest()
 
     def run(self, checkpoint: Optional[dict], force: bool) -> dict:
         self.set_up(checkpoint, force)
@@ -95,10 +105,11 @@ class Trainer:
         self.wrap_objective()
         self.open_run_folder(resumed=checkpoint is not None)
         try:
-            stop_reason = self.loop()
+            with self.stop_request:
+                stop_reason = self.loop()
         finally:
-            if self.metrics_file is not None:
-                self.metrics_file.close()
+            if self.metrics is not None:
+                self.metrics.close()
         return self.finish(stop_reason)
 
     # ---- set-up ----------------------------------------------------------------------------------
@@ -161,6 +172,7 @@ class Trainer:
         self.step = int(checkpoint["step"])
         self.best = dict(checkpoint.get("best", self.best))
         self.last_test_bpd = checkpoint.get("last_test_bpd")
+        self.pending = dict(self.pending, **checkpoint.get("pending", {}))
         set_rng_state(checkpoint["rng"])
         # Settings that may change on resume (e.g. more --steps) take effect from here on.
         self.scheduler.lr_lambdas[0] = lr_lambda(self.config, self.steps_total)
@@ -189,7 +201,7 @@ class Trainer:
                 truncate_metrics(metrics_path, self.step)
             atomic_write_text(out / "config.json",
                               json.dumps(self.config, indent=2, sort_keys=True) + "\n")
-            self.metrics_file = open(metrics_path, "a")
+            self.metrics = MetricsLog(metrics_path)
 
     # ---- the loop --------------------------------------------------------------------------------
     def loop(self) -> str:
@@ -201,12 +213,17 @@ class Trainer:
         self.t_log, self.step_log, self.sums = self.t_start, self.step, [0.0, 0.0, 0]
         stop_reason = "steps"
         self.model.train()
+        self.catch_up()
         while self.step < self.steps_total:
-            loss_value, bpd_value, grad_norm, stop_flag = self.train_step()
+            loss_value, bpd_value, grad_norm, stop_flag, signal_flag = self.train_step()
             self.after_step(loss_value, bpd_value, grad_norm)
-            if self.step % config["eval_every"] == 0:
-                self.evaluate()
-            if config["sample_every"] and self.step % config["sample_every"] == 0:
+            eval_due = self.step % config["eval_every"] == 0
+            samples_due = bool(config["sample_every"]) and self.step % config["sample_every"] == 0
+            if signal_flag > 0:
+                self.interrupt(eval_due, samples_due)
+            if eval_due and self.evaluate() is None:
+                self.interrupt(True, samples_due)
+            if samples_due:
                 self.write_samples()
             if stop_flag > 0:
                 stop_reason = "time_limit"
@@ -215,12 +232,34 @@ class Trainer:
                 break
             if self.step % ckpt_every == 0:
                 self.save_checkpoint()
-        if self.last_eval_step != self.step and self.step > 0:
-            self.evaluate()
-        if not (config["sample_every"] and self.step % config["sample_every"] == 0) and self.step > 0:
+        final_samples = not (config["sample_every"] and self.step % config["sample_every"] == 0)
+        if self.last_eval_step != self.step and self.step > 0 and self.evaluate() is None:
+            self.interrupt(True, final_samples)
+        if final_samples and self.step > 0:
             self.write_samples()
         self.save_checkpoint()
         return stop_reason
+
+    def catch_up(self) -> None:
+        """The evaluation and samples that a run stopped by a signal left pending at its step."""
+        if self.pending["eval"] and self.evaluate() is None:
+            self.interrupt(True, self.pending["samples"])
+        if self.pending["samples"]:
+            self.write_samples()
+        self.pending = {"eval": False, "samples": False}
+
+    def interrupt(self, eval_pending: bool, samples_pending: bool) -> None:
+        """Stops for SIGTERM/SIGINT: the checkpoint at the step reached (noting what of that step
+        is still to do), then TrainingInterrupted with the command that resumes the run."""
+        self.pending = {"eval": eval_pending, "samples": samples_pending}
+        self.save_checkpoint()
+        if self.ctx.active:
+            torch.distributed.barrier()  # the checkpoint is written before any process leaves
+        command = resume_command(self.out, self.ctx.world_size)
+        message = (f"stopped by {self.stop_request.describe()} at step {self.step}; checkpoint "
+                   f"{str(self.out / 'checkpoint.pt')!r} written. Resume with: {command}")
+        log(self.ctx, f"glow-ext train: {message}")
+        raise TrainingInterrupted(message, self.step, command)
 
     def announce(self) -> None:
         config, ctx = self.config, self.ctx
@@ -234,8 +273,9 @@ class Trainer:
                  f"{self.batch_size}, {config['optimizer']} lr {config['lr']}")
 
     def train_step(self):
-        """One optimizer step on the next global batch: (loss, bpd, gradient norm, stop flag), the
-        first two averaged over the processes, the flag set when rank 0 ran past the time limit."""
+        """One optimizer step on the next global batch: (loss, bpd, gradient norm, time flag,
+        signal flag), the first two averaged over the processes, the time flag set when rank 0 ran
+        past the time limit, the signal flag when any process was asked to stop."""
         config, ctx, device, step = self.config, self.ctx, self.device, self.step
         idx = gdata.global_batch_indices(self.n_train, self.batch_size, config["seed"], step)
         levels, labels = self.train_set.batch(idx[self.part])
@@ -253,13 +293,13 @@ class Trainer:
             self.params, config["grad_clip"] if config["grad_clip"] > 0 else math.inf)
         time_limit = config["time_limit"]
         over_time = time_limit is not None and time.perf_counter() - self.t_start >= time_limit
-        stats = torch.stack([loss.detach().double(), bpd.double(),
-                             torch.tensor(float(over_time and ctx.is_main), dtype=torch.float64,
-                                          device=loss.device)])
+        flags = torch.tensor([float(over_time and ctx.is_main), float(self.stop_request.requested)],
+                             dtype=torch.float64, device=loss.device)
+        stats = torch.cat([loss.detach().double().view(1), bpd.double().view(1), flags])
         if ctx.active:
             torch.distributed.all_reduce(stats)
             stats[:2] /= ctx.world_size
-        loss_value, bpd_value, stop_flag = stats.tolist()
+        loss_value, bpd_value, stop_flag, signal_flag = stats.tolist()
         grad_norm = float(grad_norm)
         if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
             last = self.out / "checkpoint.pt"
@@ -274,7 +314,7 @@ class Trainer:
         self.step += 1
         if self.ema is not None:
             self.ema.update_parameters(self.model)
-        return loss_value, bpd_value, grad_norm, stop_flag
+        return loss_value, bpd_value, grad_norm, stop_flag, signal_flag
 
     def after_step(self, loss_value: float, bpd_value: float, grad_norm: float) -> None:
         """Accumulates the step's loss; every --log-every steps a metrics record and a line."""
@@ -297,9 +337,8 @@ class Trainer:
         self.t_log, self.step_log, self.sums = now, step, [0.0, 0.0, 0]
 
     def write_metrics(self, record: dict) -> None:
-        if self.metrics_file is not None:
-            self.metrics_file.write(json.dumps(record) + "\n")
-            self.metrics_file.flush()
+        if self.metrics is not None:
+            self.metrics.write(record)
 
     # ---- evaluation, samples, checkpoints --------------------------------------------------------
     def averaged(self):
@@ -309,11 +348,15 @@ class Trainer:
             return self.ema.module
         return self.model
 
-    def evaluate(self) -> float:
+    def evaluate(self) -> Optional[float]:
+        """Test bpd at this step (None: abandoned for a stop signal)."""
         config, step = self.config, self.step
         model = self.averaged()
         bpd = evaluate_bpd(model, self.test_set, self.device, config["eval_batch_size"],
-                           config["conditional"], config["amp"], self.ctx)
+                           config["conditional"], config["amp"], self.ctx,
+                           stop=lambda: self.stop_request.requested)
+        if bpd is None:
+            return None
         improved = bpd < self.best["bpd"]
         if improved:
             self.best.update(bpd=bpd, step=step)
@@ -332,9 +375,12 @@ class Trainer:
             return
         config = self.config
         labels = class_cycle(config["n_samples"], self.n_classes) if self.n_classes else None
-        write_sample_grid(self.averaged(), self.out / "samples" / f"step_{self.step:07d}.png",
-                          config["n_samples"], self.n_bins, config["temperature"], seed=config["seed"],
-                          labels=labels)
+        path = self.out / "samples" / f"step_{self.step:07d}.png"
+        try:
+            write_sample_grid(self.averaged(), path, config["n_samples"], self.n_bins,
+                              config["temperature"], seed=config["seed"], labels=labels)
+        except OSError as e:
+            raise write_error(path, e) from e
 
     def checkpoint_state(self, kind: str, model=None) -> dict:
         """kind "last": everything --resume needs; "best": the weights of `model` (the averaged
@@ -342,6 +388,7 @@ class Trainer:
         state = {"format": CHECKPOINT_FORMAT, "kind": kind, "config": self.config, "step": self.step,
                  "image_shape": list(self.image_shape), "n_bins": self.n_bins,
                  "n_classes": self.n_classes, "best": self.best, "last_test_bpd": self.last_test_bpd,
+                 "pending": self.pending,
                  "world_size": self.ctx.world_size, "torch_version": str(torch.__version__)}
         if kind == "best":
             state["model"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
