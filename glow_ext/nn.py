@@ -76,6 +76,12 @@ class _DataDependentActNorm:
     @torch.no_grad()
     def initialize(self, x: torch.Tensor) -> None:
         mean, std = _channel_mean_std(x)
+        # An empty or non-finite batch would make every later output NaN; the statistics are
+        # already averaged over ranks, so every rank raises together. One sync, on the first batch.
+        if not bool(torch.isfinite(mean).all() & torch.isfinite(std).all()):
+            raise ValueError(f"ActNorm's data-dependent initialisation needs a non-empty batch of "
+                             f"finite values; got shape {tuple(x.shape)}"
+                             f"{' (empty)' if x.numel() == 0 else ' with NaN or Inf values'}")
         self.bias.copy_(-mean)
         self.logs.copy_(torch.log(self.scale / (std + 1e-6)))
         self.initialized.fill_(True)
@@ -374,11 +380,15 @@ class CouplingNN(nn.Module):
             nn.ReLU(),
             ZeroConv2d(hidden_channels, out_channels),
         )
+        self.out_channels = out_channels
         for conv in (self.net[0], self.net[2]):
             nn.init.normal_(conv.weight, 0.0, 0.05)
             nn.init.zeros_(conv.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[2] == 0 or x.shape[3] == 0:
+            # conv2d refuses a 0-pixel-high or -wide input (padded, it is smaller than the kernel).
+            return x.new_zeros((x.shape[0], self.out_channels, x.shape[2], x.shape[3]))
         return self.net(x)
 
 

@@ -1,5 +1,8 @@
 """glow_ext.training.data: digits split, CIFAR-10 pickle batches, image folders, quantization, batching."""
+import io
 import pickle
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -11,8 +14,9 @@ from glow_ext.training import data as gdata
 # --------------------------------------------------------------------------------------------------
 # helpers: small datasets written into tmp_path
 
-def write_cifar(folder, n_per_batch=6, seed=0):
-    """Five training batches and a test batch in the python-pickle format of CIFAR-10."""
+def write_cifar(folder, n_per_batch=6, seed=0, protocol=pickle.DEFAULT_PROTOCOL):
+    """Five training batches and a test batch in the python-pickle format of CIFAR-10 (their MD5s
+    are not the published ones: load them with trust_data_files or `register_md5`)."""
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     batches = {}
@@ -22,9 +26,14 @@ def write_cifar(folder, n_per_batch=6, seed=0):
         batch = {b"batch_label": name.encode(), b"labels": labels, b"data": images,
                  b"filenames": [f"{name}_{i}.png".encode() for i in range(n_per_batch)]}
         with open(folder / name, "wb") as f:
-            pickle.dump(batch, f)
+            pickle.dump(batch, f, protocol=protocol)
         batches[name] = (images, labels)
     return batches
+
+
+def register_md5(monkeypatch, folder):
+    """Make the batches in `folder` the 'published' ones, so they load without trust_data_files."""
+    monkeypatch.setattr(gdata, "CIFAR_MD5", {name: gdata.file_md5(folder / name) for name in gdata.CIFAR_MD5})
 
 
 def write_images(folder, specs):
@@ -167,9 +176,10 @@ def test_dataset_validates_levels_and_labels():
 # CIFAR-10
 
 @pytest.mark.parametrize("nested", [False, True])
-def test_cifar_batches(tmp_path, nested):
+def test_cifar_batches(tmp_path, nested, monkeypatch):
     folder = tmp_path / "cifar-10-batches-py" if nested else tmp_path
     batches = write_cifar(folder)
+    register_md5(monkeypatch, folder)
     splits = gdata.load_splits("cifar10", data_dir=tmp_path)
     assert len(splits.train) == 30 and len(splits.test) == 6
     assert splits.train.levels.shape == (30, 3, 32, 32) and splits.train.levels.dtype == torch.uint8
@@ -215,7 +225,82 @@ def test_cifar_corrupt_batch(tmp_path, damage):
             batch[b"labels"] = [0, 1, 2, 10]
         path.write_bytes(pickle.dumps(batch))
     with pytest.raises(gdata.DataError, match="data_batch_3"):
+        gdata.load_splits("cifar10", data_dir=tmp_path, trust_data_files=True)
+
+
+def test_cifar_md5_mismatch_is_refused_before_reading(tmp_path):
+    write_cifar(tmp_path)
+    with pytest.raises(gdata.DataError, match=r"data_batch_1'? has MD5 [0-9a-f]{32}, not the published "
+                       r"c99cafc152244af753f735de768cd75f.*--trust-data-files"):
         gdata.load_splits("cifar10", data_dir=tmp_path)
+    with pytest.raises(gdata.DataError, match="not a standard CIFAR-10 batch name"):
+        gdata.read_cifar_batch(tmp_path / "my_batch")
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_cifar_custom_batches_load_with_the_opt_out(tmp_path, protocol):
+    """Every pickle protocol's way of writing bytes and numpy arrays passes the restricted unpickler."""
+    batches = write_cifar(tmp_path, protocol=protocol)
+    splits = gdata.load_splits("cifar10", data_dir=tmp_path, trust_data_files=True)
+    images, labels = batches["test_batch"]
+    assert torch.equal(splits.test.levels, torch.from_numpy(images.reshape(-1, 3, 32, 32)))
+    assert splits.test.labels.tolist() == labels
+
+
+def test_cifar_numpy1_module_names_pass_the_restricted_unpickler(tmp_path):
+    """The real batches name numpy.core.multiarray (numpy 1.x); protocol 2 spells globals as text."""
+    images = np.random.default_rng(1).integers(0, 256, size=(3, 3072), dtype=np.uint8)
+    raw = pickle.dumps({b"data": images, b"labels": [1, 2, 3]}, protocol=2)
+    assert b"cnumpy._core.multiarray\n" in raw
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(raw.replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n"))
+    x, y = gdata.read_cifar_batch(path, trust_data_files=True)
+    assert torch.equal(x, torch.from_numpy(images.reshape(3, 3, 32, 32))) and y.tolist() == [1, 2, 3]
+
+
+class _CreatesMarker:
+    """A pickle payload: unpickling it with plain pickle creates the file `marker`."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _crafted_batch(marker, where):
+    images = np.zeros((2, 3072), np.uint8)
+    if where == "top":
+        return _CreatesMarker(marker)
+    if where == "labels":
+        return {b"data": images, b"labels": [0, _CreatesMarker(marker)]}
+    return {b"data": np.array([_CreatesMarker(marker)], dtype=object), b"labels": [0]}  # in an array
+
+
+@pytest.mark.parametrize("where", ["top", "labels", "object_array"])
+@pytest.mark.parametrize("trust", [False, True])
+def test_cifar_crafted_pickle_never_runs_its_payload(tmp_path, monkeypatch, where, trust):
+    """Refused by its MD5 (the other batches pass theirs) or, with the opt-out, by the restricted
+    unpickler; either way the payload does not run."""
+    write_cifar(tmp_path)
+    register_md5(monkeypatch, tmp_path)
+    marker = tmp_path / "payload_ran"
+    crafted = pickle.dumps(_crafted_batch(marker, where))
+    pickle.loads(crafted)  # the payload is real: plain pickle runs it
+    assert marker.exists()
+    marker.unlink()
+    (tmp_path / "data_batch_2").write_bytes(crafted)
+    expected = r"data_batch_2.*global io\.open.*refusing" if trust else r"data_batch_2.*MD5"
+    with pytest.raises(gdata.DataError, match=expected):
+        gdata.load_splits("cifar10", data_dir=tmp_path, trust_data_files=trust)
+    assert not marker.exists()
+
+
+def test_restricted_unpickler_refuses_codecs_beyond_latin1():
+    payload = b"c_codecs\nencode\n(Vabc\nVrot13\ntR."
+    assert pickle.loads(payload) == "nop"  # plain pickle runs any codec
+    with pytest.raises(gdata.UnsafePickleError, match="rot13"):
+        gdata.RestrictedUnpickler(io.BytesIO(payload)).load()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -267,6 +352,39 @@ def test_image_folder_errors(tmp_path):
     write_images(tmp_path, [(f"x{i}.png", (8, 8), (1, 2, 3)) for i in range(4)])
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
     with pytest.raises(gdata.DataError, match="broken.jpg"):
+        gdata.load_splits("folder", data_dir=tmp_path, image_size=8)
+
+
+def _png_header_only(width, height):
+    """A PNG whose header declares width x height grey pixels, with almost no pixel data."""
+    def chunk(kind, payload):
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16))
+            + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("side", [10_000, 20_000])  # PIL warns above 89.5 Mpixel, raises above twice that
+def test_image_folder_refuses_decompression_bombs(tmp_path, side):
+    from PIL import Image
+
+    assert side * side > Image.MAX_IMAGE_PIXELS
+    write_images(tmp_path, [(f"x{i}.png", (8, 8), (1, 2, 3)) for i in range(4)])
+    (tmp_path / "bomb.png").write_bytes(_png_header_only(side, side))
+    with pytest.raises(gdata.DataError, match="bomb.png.*decompression bomb"):
+        gdata.load_splits("folder", data_dir=tmp_path, image_size=8)
+
+
+@pytest.mark.parametrize("ext", ["png", "jpg"])
+def test_image_folder_refuses_truncated_images(tmp_path, ext):
+    from PIL import Image
+
+    write_images(tmp_path, [(f"x{i}.png", (8, 8), (1, 2, 3)) for i in range(4)])
+    noise = np.random.default_rng(0).integers(0, 256, size=(64, 64, 3), dtype=np.uint8)
+    path = tmp_path / f"cut.{ext}"
+    Image.fromarray(noise).save(path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(gdata.DataError, match=f"cut.{ext}.*truncated"):
         gdata.load_splits("folder", data_dir=tmp_path, image_size=8)
 
 

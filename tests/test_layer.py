@@ -341,3 +341,23 @@ def test_reverse_with_autograd_uses_the_differentiable_op(device, monkeypatch):
     assert calls and out.requires_grad
     out.square().sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in layer.parameters())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layer_cls", [glow_nn.ActNormInvConv2d, glow_nn.ActNorm2d])
+@pytest.mark.parametrize("batch", ["empty_n", "empty_hw", "nan", "inf"])
+def test_init_refuses_an_empty_or_non_finite_batch(layer_cls, batch, device):
+    """Found by tests/test_fuzz.py: such a batch used to set bias and logs to NaN silently."""
+    layer = layer_cls(4).to(device).train()
+    x = skewed_input((3, 4, 5, 5), device)
+    if batch == "empty_n":
+        x = x[:0]
+    elif batch == "empty_hw":
+        x = x[:, :, :0]
+    else:
+        x[1, 2, 3, 4] = float(batch)
+    with pytest.raises(ValueError, match="data-dependent initialisation needs a non-empty batch of finite"):
+        layer(x)
+    assert not layer._initialized and torch.isfinite(layer.logs).all() and torch.isfinite(layer.bias).all()
+    layer(skewed_input((3, 4, 5, 5), device))  # a good batch still initialises it
+    assert layer._initialized and torch.isfinite(layer.logs).all()

@@ -466,3 +466,14 @@ def test_flow_step_compiles_fullgraph(device):
     traced = run(compiled)
     for a, b in zip(traced, eager):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("coupling", [gnn.AffineCoupling, gnn.AdditiveCoupling])
+def test_couplings_accept_images_with_no_pixels(coupling):
+    """Found by tests/test_fuzz.py: conv2d used to refuse a 0-pixel-high or -wide input."""
+    layer = coupling(5, 8)
+    for shape in [(2, 5, 0, 3), (2, 5, 4, 0)]:
+        x = torch.randn(shape)
+        y, logdet = layer(x)
+        assert y.shape == x.shape and torch.equal(logdet.expand(2), torch.zeros(2))
+        assert layer.reverse(y).shape == x.shape

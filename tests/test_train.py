@@ -654,10 +654,11 @@ def test_logit_preprocessing_is_an_exact_change_of_variables():
 # --------------------------------------------------------------------------------------------------
 # The other datasets end to end
 
-def test_train_on_cifar_batches_and_an_image_folder(tmp_path):
-    from test_data import write_cifar, write_images
+def test_train_on_cifar_batches_and_an_image_folder(tmp_path, monkeypatch):
+    from test_data import register_md5, write_cifar, write_images
 
     write_cifar(tmp_path / "cifar", n_per_batch=4)
+    register_md5(monkeypatch, tmp_path / "cifar")
     small = ["--K", "1", "--L", "2", "--hidden", "8", "--batch-size", "8", "--steps", "2",
              "--eval-every", "2", "--device", "cpu", "--n-samples", "4"]
     assert main(["train", "--dataset", "cifar10", "--data-dir", str(tmp_path / "cifar"), "--n-bits", "5",

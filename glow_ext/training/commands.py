@@ -142,7 +142,8 @@ def evaluate_checkpoint(checkpoint, split="test", data_dir=None, batch_size=512,
     state = load_checkpoint(checkpoint)
     model, config = model_from_checkpoint(state, device)
     splits = load_splits(config["dataset"], data_dir or config["data_dir"], config["image_size"],
-                         config["n_bits"], config["channels"], config["test_fraction"])
+                         config["n_bits"], config["channels"], config["test_fraction"],
+                         trust_data_files=config.get("trust_data_files", False))
     dataset = splits.test if split == "test" else splits.train
     if tuple(dataset.image_shape) != tuple(state["image_shape"]):
         raise TrainingError(f"the data has shape {dataset.image_shape}, the model "

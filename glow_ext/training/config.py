@@ -22,7 +22,7 @@ DEFAULTS = dict(
     min_lr_ratio=0.0, weight_decay=0.0, grad_clip=50.0, optimizer="adam", ema=0.0, dropout=0.0,
     eval_every=1000, sample_every=5000, checkpoint_every=None, log_every=100, eval_batch_size=512,
     n_samples=64, temperature=0.7, seed=0, out=None, device="auto", amp="none",
-    time_limit=None, reversible=False,
+    time_limit=None, reversible=False, trust_data_files=False,
 )
 DATASET_DEFAULTS = {
     "digits": dict(K=8, L=3, hidden=64, dropout=0.2, logit_alpha=0.002, steps=3000, lr=2e-3,
@@ -67,6 +67,9 @@ def add_train_arguments(parser) -> None:
     g.add_argument("--channels", type=int, choices=(1, 3), help="folder: 3 = RGB (default), 1 = grey")
     g.add_argument("--test-fraction", type=float,
                    help="folder without train/ and test/ subfolders: held-out fraction (default 0.1)")
+    g.add_argument("--trust-data-files", action="store_true", default=None,
+                   help="cifar10: read batches whose MD5 is not the published one (custom batches; "
+                   "they are still read by the restricted unpickler, which runs no code)")
     g = parser.add_argument_group(
         "model", "defaults: the digits model below; cifar10 and folder default to the paper's "
         "CIFAR-10 model (K=32, L=3, hidden 512, no dropout, no logit preprocessing, warm-up 1000, "

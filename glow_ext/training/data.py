@@ -12,19 +12,25 @@ Sources:
            `numpy.random.default_rng(0).permutation(1797)` — the split of the baselines in
            glow-facts.md (per-pixel histogram 2.42 bpd). Embedded: needs no download.
   cifar10  the standard python-pickle batches (data_batch_1..5, test_batch) in --data-dir or in
-           its `cifar-10-batches-py` folder.
+           its `cifar-10-batches-py` folder. Loading never runs code from the files: each batch's
+           MD5 must match the published one (opt out with trust_data_files for custom batches), and
+           every batch is read by a restricted unpickler that builds only dicts, lists, bytes, str,
+           numbers and numpy arrays.
   folder   any folder of images (PNG/JPEG/..., searched recursively), resized (shorter side) and
            centre-cropped to image_size, RGB or grey. Class labels from the first-level subfolders
            when every image sits in one; `train/` and `test/` subfolders, when both exist, give the
-           split, otherwise a fixed random test fraction.
+           split, otherwise a fixed random test fraction. A corrupt or truncated file, or one over
+           PIL's Image.MAX_IMAGE_PIXELS (a decompression bomb), is an error naming the file.
 
 n_bits quantization (cifar10, folder): n_bins = 2**n_bits and each 8-bit value keeps its top
 n_bits (`value >> (8 - n_bits)`).
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
@@ -40,6 +46,15 @@ DIGITS_TRAIN = 1500
 DIGITS_LEVELS = 17
 CIFAR_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 CIFAR_TEST_FILE = "test_batch"
+# The MD5 of each standard batch of cifar-10-python.tar.gz (the digests torchvision checks).
+CIFAR_MD5 = {
+    "data_batch_1": "c99cafc152244af753f735de768cd75f",
+    "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+    "data_batch_3": "54ebc095f3ab1f0389bbae665268c751",
+    "data_batch_4": "634d18415352ddfa80567beed471001a",
+    "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb",
+    "test_batch": "40351d587109b95175f43aff81a1287e",
+}
 CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
                  "truck")
 
@@ -252,12 +267,79 @@ def find_cifar_dir(data_dir) -> Path:
                     f"test_batch there or in {str(root / 'cifar-10-batches-py')!r})")
 
 
-def read_cifar_batch(path) -> tuple:
-    """One python-pickle batch -> (uint8 (N, 3, 32, 32), int64 labels (N,))."""
+class UnsafePickleError(pickle.UnpicklingError):
+    """A pickle asked for a global that a CIFAR-10 batch does not need (it could run code)."""
+
+
+def _latin1_bytes(text, encoding):
+    """`_codecs.encode` as pickle protocols < 3 use it for bytes, limited to that one use."""
+    if encoding not in ("latin1", "latin-1"):
+        raise UnsafePickleError(f"the pickle asks for _codecs.encode with encoding {encoding!r}; "
+                                f"only latin1 (bytes) is allowed")
+    return text.encode("latin1")
+
+
+def _allowed_pickle_globals() -> dict:
+    """(module, name) -> object: all a pickled dict of lists, bytes and numpy arrays needs, under the
+    module names numpy 1.x and 2.x write."""
+    try:
+        from numpy._core import multiarray, numeric
+    except ImportError:  # older numpy has no numpy._core
+        from numpy.core import multiarray, numeric
+    allowed = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
+               ("_codecs", "encode"): _latin1_bytes}
+    for package in ("numpy.core", "numpy._core"):
+        allowed[(f"{package}.multiarray", "_reconstruct")] = multiarray._reconstruct
+        allowed[(f"{package}.multiarray", "scalar")] = multiarray.scalar
+        allowed[(f"{package}.numeric", "_frombuffer")] = numeric._frombuffer
+    return allowed
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Unpickles only dicts, lists, tuples, bytes, str, numbers and numpy arrays: every other global
+    (the way a pickle runs code: os.system, eval, any class's __reduce__) raises UnsafePickleError
+    before it is looked up, so a crafted file cannot run anything."""
+
+    def find_class(self, module, name):
+        allowed = _allowed_pickle_globals()
+        if (module, name) not in allowed:
+            raise UnsafePickleError(f"the pickle asks for the global {module}.{name}, which a "
+                                    f"CIFAR-10 batch does not need; refusing to load it")
+        return allowed[(module, name)]
+
+
+def file_md5(path) -> str:
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_cifar_md5(path) -> None:
+    """Raise DataError unless `path` is a standard CIFAR-10 batch with its published MD5."""
     path = Path(path)
+    expected = CIFAR_MD5.get(path.name)
+    opt_out = "pass trust_data_files=True (glow-ext train --trust-data-files) to read custom batches"
+    if expected is None:
+        raise DataError(f"{str(path)!r} is not a standard CIFAR-10 batch name "
+                        f"({', '.join(CIFAR_MD5)}), so it has no known MD5; {opt_out}")
+    actual = file_md5(path)
+    if actual != expected:
+        raise DataError(f"CIFAR-10 batch {str(path)!r} has MD5 {actual}, not the published {expected} "
+                        f"of {path.name}: the file is damaged or not the original; re-download "
+                        f"cifar-10-python.tar.gz, or {opt_out}")
+
+
+def read_cifar_batch(path, trust_data_files: bool = False) -> tuple:
+    """One python-pickle batch -> (uint8 (N, 3, 32, 32), int64 labels (N,)). The file's MD5 must be
+    the published one unless `trust_data_files`; either way it is read by RestrictedUnpickler."""
+    path = Path(path)
+    if not trust_data_files:
+        verify_cifar_md5(path)
     try:
         with open(path, "rb") as f:
-            batch = pickle.load(f, encoding="bytes")
+            batch = RestrictedUnpickler(f, encoding="bytes").load()
     except Exception as e:
         raise DataError(f"cannot read CIFAR-10 batch {str(path)!r}: {type(e).__name__}: {e}") from e
     if not isinstance(batch, dict):
@@ -279,13 +361,13 @@ def read_cifar_batch(path) -> tuple:
     return images, torch.from_numpy(labels)
 
 
-def load_cifar10_splits(data_dir, n_bits: int = 8) -> DataSplits:
+def load_cifar10_splits(data_dir, n_bits: int = 8, trust_data_files: bool = False) -> DataSplits:
     check_n_bits(n_bits)
     folder = find_cifar_dir(data_dir)
-    parts = [read_cifar_batch(folder / f) for f in CIFAR_TRAIN_FILES]
+    parts = [read_cifar_batch(folder / f, trust_data_files) for f in CIFAR_TRAIN_FILES]
     train_x = torch.cat([p[0] for p in parts])
     train_y = torch.cat([p[1] for p in parts])
-    test_x, test_y = read_cifar_batch(folder / CIFAR_TEST_FILE)
+    test_x, test_y = read_cifar_batch(folder / CIFAR_TEST_FILE, trust_data_files)
     n_bins = 2**n_bits
     return DataSplits(
         LevelsDataset(quantize_uint8(train_x, n_bits), train_y, n_bins, 10, CIFAR_CLASSES, "cifar10/train"),
@@ -301,13 +383,18 @@ def list_images(root) -> list:
 
 
 def load_image(path, image_size: int, channels: int = 3) -> np.ndarray:
-    """One image file -> uint8 (channels, S, S): shorter side resized to S, centre crop."""
+    """One image file -> uint8 (channels, S, S): shorter side resized to S, centre crop. Refuses
+    images over Image.MAX_IMAGE_PIXELS (PIL only warns up to twice that) and truncated files."""
     from PIL import Image
 
     try:
-        with Image.open(path) as image:
-            image.load()
-            image = image.convert("RGB" if channels == 3 else "L")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image.load()
+                image = image.convert("RGB" if channels == 3 else "L")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise DataError(f"image {str(path)!r} is refused as a possible decompression bomb: {e}") from e
     except Exception as e:
         raise DataError(f"cannot read image {str(path)!r}: {type(e).__name__}: {e}") from e
     w, h = image.size
@@ -392,8 +479,10 @@ def load_folder_splits(data_dir, image_size: int = 32, channels: int = 3, n_bits
 # --------------------------------------------------------------------------------------------------
 
 def load_splits(dataset: str = "digits", data_dir=None, image_size: Optional[int] = None,
-                n_bits: Optional[int] = None, channels: int = 3, test_fraction: float = 0.1) -> DataSplits:
-    """Train and test splits of `dataset` (digits | cifar10 | folder)."""
+                n_bits: Optional[int] = None, channels: int = 3, test_fraction: float = 0.1,
+                trust_data_files: bool = False) -> DataSplits:
+    """Train and test splits of `dataset` (digits | cifar10 | folder). `trust_data_files` skips the
+    MD5 check of the CIFAR-10 batches (for custom batches; they are still read without running code)."""
     if dataset == "digits":
         if n_bits is not None:
             raise ValueError("digits has 17 levels (0..16); --n-bits does not apply to it")
@@ -403,7 +492,7 @@ def load_splits(dataset: str = "digits", data_dir=None, image_size: Optional[int
     if dataset == "cifar10":
         if image_size not in (None, 32):
             raise ValueError(f"CIFAR-10 images are 32x32; --image-size {image_size} does not apply")
-        return load_cifar10_splits(data_dir, 8 if n_bits is None else n_bits)
+        return load_cifar10_splits(data_dir, 8 if n_bits is None else n_bits, trust_data_files)
     if dataset == "folder":
         return load_folder_splits(data_dir, 32 if image_size is None else image_size, channels,
                                   8 if n_bits is None else n_bits, test_fraction)

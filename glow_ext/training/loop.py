@@ -134,7 +134,8 @@ class Trainer:
     def load_data(self) -> None:
         config, ctx = self.config, self.ctx
         splits = gdata.load_splits(config["dataset"], config["data_dir"], config["image_size"],
-                                   config["n_bits"], config["channels"], config["test_fraction"])
+                                   config["n_bits"], config["channels"], config["test_fraction"],
+                                   trust_data_files=config.get("trust_data_files", False))
         self.train_set, self.test_set = splits.train, splits.test
         self.n_bins, self.image_shape = splits.n_bins, splits.image_shape
         self.n_classes = 0
