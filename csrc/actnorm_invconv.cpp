@@ -5,10 +5,13 @@
 #include <c10/util/Exception.h>
 
 #include <cmath>
+#include <optional>
 #include <vector>
 
 namespace glow_ext {
 namespace {
+
+using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 constexpr int64_t kTrmmBlock = 192;  // below this a dense mm on the masked block is cheaper
 
@@ -67,10 +70,16 @@ struct AccParams {
         sign_s(p.sign_s.to(acc)) {}
 
   at::Tensor unit_lower() const {
-    return lower.tril(-1) + at::eye(lower.size(0), lower.options());
+    auto factor = lower.tril(-1);
+    factor.diagonal().fill_(1);
+    return factor;
   }
   at::Tensor scale() const { return sign_s * log_s.exp(); }  // diagonal of U'
-  at::Tensor upper_factor() const { return upper.triu(1) + at::diag(scale()); }
+  at::Tensor upper_factor() const {
+    auto factor = upper.triu(1);
+    factor.diagonal().copy_(scale());
+    return factor;
+  }
 };
 
 // out = T · B for triangular T (its other triangle already zero), in ~half the flops of a dense mm
@@ -164,17 +173,31 @@ ParamGrads param_grads(const AccParams& a, at::ScalarType param_type, const at::
           (grad_upper_full.diagonal() * a.scale() + gld).to(param_type)};
 }
 
+// The backward's C x C operands in the accumulation dtype: the LU factors and Wf = W·diag(a).
+struct BackwardFactors {
+  at::Tensor unit_lower, upper_factor, folded;
+  BackwardFactors(const AccParams& a, const LUParams& p)
+      : unit_lower(a.unit_lower()), upper_factor(a.upper_factor()) {
+    folded = at::mm(unit_lower, upper_factor).index_select(0, p.perm) * a.logs.exp().unsqueeze(0);
+  }
+};
+
 // y = Wf·x + c with Wf = W·diag(a), c = W·(a⊙b): from dL/dWf and dL/dc to the LU parameters.
-ParamGrads chain_generic(const AccParams& a, const LUParams& p, const at::Tensor& grad_folded,
-                         const at::Tensor& grad_offset, const at::Tensor& gld) {
-  const auto scale = a.logs.exp();
-  const auto weight = assemble_weight(a, p.perm);
-  const auto grad_weight = grad_folded * scale.unsqueeze(0) + at::outer(grad_offset, scale * a.bias);
-  const auto wt_grad_offset = at::mv(weight.t(), grad_offset);  // Σ dL/dx_hat
-  const auto x_hat_dot = ((grad_folded * weight).sum(0) + wt_grad_offset * a.bias) * scale;
-  const auto g_v = grad_weight.index_select(0, inverse_permutation(p.perm));  // Pᵀ·dL/dW
-  return param_grads(a, p.bias.scalar_type(), wt_grad_offset, x_hat_dot,
-                     at::mm(g_v, a.upper_factor().t()), at::mm(a.unit_lower().t(), g_v), gld);
+// Everything is read off Wf and the factors: two C x C products, no re-assembly of W.
+ParamGrads chain_folded(const AccParams& a, const LUParams& p, const BackwardFactors& f,
+                        const at::Tensor& grad_folded, const at::Tensor& grad_offset,
+                        const at::Tensor& gld) {
+  const auto param_type = p.bias.scalar_type();
+  const auto grad_bias = at::mv(f.folded.t(), grad_offset);  // a ⊙ Σ dL/dx_hat
+  const auto grad_logs = (grad_folded * f.folded).sum(0) + grad_bias * a.bias + gld;
+  // dL/dW = (dL/dWf + dL/dc ⊗ b)·diag(a), rows moved by Pᵀ: row i goes to perm[i].
+  const auto grad_weight = at::addr(grad_folded, grad_offset, a.bias) * a.logs.exp().unsqueeze(0);
+  const auto g_v = at::empty_like(grad_weight).index_copy_(0, p.perm, grad_weight);
+  const auto grad_upper_full = at::mm(f.unit_lower.t(), g_v);
+  return {grad_bias.to(param_type), grad_logs.to(param_type),
+          at::mm(g_v, f.upper_factor.t()).tril_(-1).to(param_type),
+          grad_upper_full.triu(1).to(param_type),
+          (grad_upper_full.diagonal() * a.scale() + gld).to(param_type)};
 }
 
 // The C x C algebra of the folded path (assembly, triangular inverses, chain rule) runs in float64
@@ -193,6 +216,58 @@ ChannelMap forward_map(const Backend& backend, const LUParams& p, const at::Tens
   ChannelMap map;
   if (backend.fold_forward_small(p, acc, map)) return map;
   return cast(fold_forward_generic(AccParams(p, algebra_dtype(x)), p.perm), acc);
+}
+
+// out = weight·src per pixel and the sums Σ a·xᵀ, Σ a over the pixels (a = src, or out when
+// outer_of_out): the backend's one-sweep primitive, else a channel mix and a batched GEMM.
+void mix_outer(const Backend& backend, const at::Tensor& src, const at::Tensor& weight,
+               const at::Tensor& x, bool outer_of_out, at::Tensor& out, at::Tensor& grad_folded,
+               at::Tensor& grad_offset) {
+  if (backend.mix_outer &&
+      backend.mix_outer(src, weight, x, outer_of_out, out, grad_folded, grad_offset)) {
+    return;
+  }
+  out = backend.channel_mix(src, {weight, at::zeros({weight.size(0)}, weight.options())});
+  const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
+  const auto acc = weight.scalar_type();
+  const auto g3 = (outer_of_out ? out : src).view({N, C, HW}).to(acc);
+  grad_folded = at::bmm(g3, x.view({N, C, HW}).to(acc).transpose(1, 2)).sum(0);
+  grad_offset = g3.sum({0, 2});
+}
+
+// Backward of the folded path. Forward op, grad = dL/dy: dL/dx = Wfᵀ·grad, and the parameter
+// gradients from Σ grad·xᵀ and Σ grad. Inverse op (x = Wf⁻¹·(y − c)), grad = dL/dx: by implicit
+// differentiation dL/dy = Wf⁻ᵀ·grad, and the parameter gradients are minus the forward op's at
+// (x, dL/dy). One sweep of the pixels either way, then C x C algebra in the accumulation dtype
+// (float32 for float32 input: the error stays at the plain-PyTorch level, see README).
+Grads folded_backward(const Backend& backend, const at::Tensor& grad, const at::Tensor& x,
+                      const LUParams& p, const at::Tensor& gld, bool inverse_op) {
+  const auto acc = accumulation_dtype(x);
+  std::optional<AccParams> a;
+  std::optional<BackwardFactors> factors;
+  at::Tensor mix_weight;
+  if (inverse_op) {
+    // Wf⁻¹ from triangular solves in float64, as in the inverse op itself.
+    mix_weight = cast(fold_inverse_generic(AccParams(p, algebra_dtype(x)), p.perm), acc).weight.t();
+  } else {
+    ChannelMap map;
+    if (backend.fold_forward_small(p, acc, map)) {
+      mix_weight = map.weight.t();
+    } else {
+      factors.emplace(a.emplace(p, acc), p);
+      mix_weight = factors->folded.t();
+    }
+  }
+  at::Tensor grad_in, grad_folded, grad_offset;
+  mix_outer(backend, grad, mix_weight.contiguous(), x, inverse_op, grad_in, grad_folded, grad_offset);
+  ParamGrads g;
+  if (!(backend.chain_small && backend.chain_small(p, grad_folded, grad_offset, gld, g))) {
+    if (!a) a.emplace(p, acc);
+    if (!factors) factors.emplace(*a, p);
+    g = chain_folded(*a, p, *factors, grad_folded, grad_offset, gld);
+  }
+  if (inverse_op) return {grad_in, -g.bias, -g.logs, -g.lower, -g.upper, -g.log_s};
+  return {grad_in, g.bias, g.logs, g.lower, g.upper, g.log_s};
 }
 
 }  // namespace
@@ -331,25 +406,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const auto gld = grad_logdet.reshape({}).to(acc) * static_cast<double>(HW);
 
   if (x.numel() != 0 && !use_factored_path(C, M)) {
-    // y = Wf·x + c: one per-pixel pass for dL/dx, one reduction for dL/dWf and dL/dc, then the
-    // chain rule on C x C matrices.
-    const auto map = forward_map(backend, p, x);
-    auto grad_x = backend.channel_mix(grad_y, {map.weight.t().contiguous(), at::zeros_like(map.offset)});
-    at::Tensor grad_folded, grad_offset;
-    if (!(backend.weight_gradient && backend.weight_gradient(grad_y, x, grad_folded, grad_offset))) {
-      const auto g3 = grad_y.view({N, C, HW}).to(acc);
-      grad_folded = at::bmm(g3, x.view({N, C, HW}).to(acc).transpose(1, 2)).sum(0);
-      grad_offset = g3.sum({0, 2});
-    }
-    ParamGrads g;
-    if (!(backend.chain_small && backend.chain_small(p, grad_folded, grad_offset, gld, g))) {
-      const auto algebra = algebra_dtype(x);
-      g = chain_generic(AccParams(p, algebra), p, grad_folded.to(algebra), grad_offset.to(algebra),
-                        gld.to(algebra));
-    }
-    return {grad_x, g.bias, g.logs, g.lower, g.upper, g.log_s};
+    return folded_backward(backend, grad_y, x, p, gld, /*inverse_op=*/false);
   }
-
   const auto param_type = p.bias.scalar_type();
   const AccParams a(p, acc);
   const auto scale = a.logs.exp();  // ActNorm's multiplier
@@ -377,6 +435,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   }
   const auto g = param_grads(a, param_type, x_hat_grad, x_hat_dot, grad_lower, grad_upper_full, gld);
   return {grad_x, g.bias, g.logs, g.lower, g.upper, g.log_s};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> inverse_backward(
+    const Backend& backend, const at::Tensor& grad_x_in, const at::Tensor& x_in, const LUParams& p) {
+  const char* op = "glow_ext::actnorm_invconv_lu_inverse_backward";
+  check_inputs(op, "x", x_in, p);
+  TORCH_CHECK(grad_x_in.sizes() == x_in.sizes(), op, ": `grad_x` must have the shape of `x` ",
+              shape_str(x_in), ", got ", shape_str(grad_x_in));
+  TORCH_CHECK(grad_x_in.scalar_type() == x_in.scalar_type() && grad_x_in.device() == x_in.device(),
+              op, ": `grad_x` must match `x` in dtype and device");
+  const auto x = x_in.contiguous();
+  const auto grad_x = grad_x_in.contiguous();
+  const int64_t C = x.size(1), M = x.size(0) * x.size(2) * x.size(3);
+  const auto acc = accumulation_dtype(x);
+  if (x.numel() != 0 && !use_factored_path(C, M)) {
+    return folded_backward(backend, grad_x, x, p, at::zeros({}, x.options().dtype(acc)),
+                           /*inverse_op=*/true);
+  }
+  // Deep levels: dL/dy = Wf⁻ᵀ·dL/dx = P·L⁻ᵀ·U'⁻ᵀ·diag(exp(−logs))·dL/dx from two triangular solves
+  // on the pixels, then minus the forward op's parameter gradients at (x, dL/dy).
+  at::Tensor grad_y = at::empty_like(x);
+  if (x.numel() != 0) {
+    const AccParams a(p, acc);
+    auto g = to_channel_matrix(grad_x, acc) * (-a.logs).exp().unsqueeze(1);
+    g = at::linalg_solve_triangular(a.upper_factor().t(), g, /*upper=*/false);
+    g = at::linalg_solve_triangular(a.unit_lower().t(), g, /*upper=*/true, /*left=*/true,
+                                    /*unitriangular=*/true);
+    grad_y = from_channel_matrix(g.index_select(0, p.perm), x.sizes(), x.scalar_type());
+  }
+  const auto [unused, g_bias, g_logs, g_lower, g_upper, g_log_s] =
+      backward(backend, grad_y, at::zeros({}, p.bias.options()), x, p);
+  return {grad_y, -g_bias, -g_logs, -g_lower, -g_upper, -g_log_s};
 }
 
 }  // namespace glow_ext

@@ -42,10 +42,13 @@ struct Backend {
   // parameters for small C. Returns false to fall back to the generic ATen version.
   bool (*chain_small)(const LUParams& p, const at::Tensor& grad_folded, const at::Tensor& grad_offset,
                       const at::Tensor& grad_logdet_hw, ParamGrads& out) = nullptr;
-  // Optional: grad_folded = Σ_pixels grad_y·xᵀ (C, C) and grad_offset = Σ_pixels grad_y (C,) in the
-  // accumulation dtype, for NCHW-contiguous inputs. Returns false to use a batched GEMM instead.
-  bool (*weight_gradient)(const at::Tensor& grad_y, const at::Tensor& x, at::Tensor& grad_folded,
-                          at::Tensor& grad_offset) = nullptr;
+  // Optional: the backward's pass over the pixels. out = weight·src per pixel (no offset) and, in
+  // the same sweep, grad_folded = Σ_pixels a·xᵀ (C, C) and grad_offset = Σ_pixels a (C,) in the
+  // accumulation dtype, where a is src, or out when outer_of_out. NCHW-contiguous inputs. Returns
+  // false to use channel_mix and a batched GEMM instead.
+  bool (*mix_outer)(const at::Tensor& src, const at::Tensor& weight, const at::Tensor& x,
+                    bool outer_of_out, at::Tensor& out, at::Tensor& grad_folded,
+                    at::Tensor& grad_offset) = nullptr;
 };
 
 // Validates every argument; `op` and `input_name` name the op and its image argument in messages.
@@ -62,6 +65,11 @@ at::Tensor inverse(const Backend& backend, const at::Tensor& y, const LUParams& 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     const Backend& backend, const at::Tensor& grad_y, const at::Tensor& grad_logdet,
     const at::Tensor& x, const LUParams& p);
+
+// Gradients through the inverse op x = inverse(y): from dL/dx and the inverse's output x, returns
+// (grad_y, grad_bias, grad_logs, grad_lower, grad_upper, grad_log_s).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> inverse_backward(
+    const Backend& backend, const at::Tensor& grad_x, const at::Tensor& x, const LUParams& p);
 
 // y[n, :, p] = weight·x[n, :, p] + offset for a map the caller precomputed (e.g. a cached inverse);
 // weight (C, C) and offset (C,) in x's accumulation dtype.
@@ -90,6 +98,12 @@ struct BoundOps {
               const at::Tensor& sign_s) {
     return backward(kBackend, grad_y, grad_logdet, x,
                     {bias, logs, perm, lower, upper, log_s, sign_s});
+  }
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+  inverse_backward_op(const at::Tensor& grad_x, const at::Tensor& x, const at::Tensor& bias,
+                      const at::Tensor& logs, const at::Tensor& perm, const at::Tensor& lower,
+                      const at::Tensor& upper, const at::Tensor& log_s, const at::Tensor& sign_s) {
+    return inverse_backward(kBackend, grad_x, x, {bias, logs, perm, lower, upper, log_s, sign_s});
   }
   static at::Tensor channel_map_op(const at::Tensor& x, const at::Tensor& weight,
                                    const at::Tensor& offset) {

@@ -23,6 +23,10 @@ TORCH_LIBRARY(glow_ext, m) {
       "Tensor logs, Tensor perm, Tensor lower, Tensor upper, Tensor log_s, Tensor sign_s) -> "
       "(Tensor grad_x, Tensor grad_bias, Tensor grad_logs, Tensor grad_lower, Tensor grad_upper, "
       "Tensor grad_log_s)");
+  m.def(
+      "actnorm_invconv_lu_inverse_backward(Tensor grad_x, Tensor x, Tensor bias, Tensor logs, "
+      "Tensor perm, Tensor lower, Tensor upper, Tensor log_s, Tensor sign_s) -> (Tensor grad_y, "
+      "Tensor grad_bias, Tensor grad_logs, Tensor grad_lower, Tensor grad_upper, Tensor grad_log_s)");
   m.def("channel_map(Tensor x, Tensor weight, Tensor offset) -> Tensor");
 }
 

@@ -101,6 +101,12 @@ if _C is not None:
             torch.empty_like(log_s),
         )
 
+    @torch.library.register_fake("glow_ext::actnorm_invconv_lu_inverse_backward")
+    def _inverse_backward_fake(grad_x, x, bias, logs, perm, lower, upper, log_s, sign_s):
+        _check_fake_args("glow_ext::actnorm_invconv_lu_inverse_backward", "x", x,
+                         (bias, logs, perm, lower, upper, log_s, sign_s))
+        return _backward_fake(grad_x, None, x, bias, logs, perm, lower, upper, log_s, sign_s)
+
     @torch.library.register_fake("glow_ext::channel_map")
     def _channel_map_fake(x, weight, offset):
         op = "glow_ext::channel_map"
@@ -149,22 +155,12 @@ if _C is not None:
         ctx.save_for_backward(output, *inputs[1:])
 
     def _inverse_backward(ctx, grad_x):
-        # x = f⁻¹(y; θ) with f the forward map. Implicit differentiation: dL/dy = J⁻ᵀ·dL/dx with
-        # J = W·diag(exp(logs)) per pixel, and dL/dθ = −(∂f/∂θ)ᵀ·dL/dy at (x, θ), which is the
-        # parameter part of the forward op's backward.
-        x, bias, logs, perm, lower, upper, log_s, sign_s = ctx.saved_tensors
-        acc = reference.accumulation_dtype(x)
-        n, c, h, w = x.shape
-        unit_lower, upper_factor = reference.lu_factors(lower, upper, log_s, sign_s, acc)
-        g = (grad_x.to(acc) * (-logs.to(acc)).exp().view(1, -1, 1, 1)).transpose(0, 1).reshape(c, -1)
-        g = torch.linalg.solve_triangular(upper_factor.T, g, upper=False)  # U'⁻ᵀ
-        g = torch.linalg.solve_triangular(unit_lower.T, g, upper=True, unitriangular=True)  # L⁻ᵀ
-        grad_y = g[perm].view(c, n, h, w).transpose(0, 1).contiguous().to(x.dtype)  # P·(…)
-        _, grad_bias, grad_logs, grad_lower, grad_upper, grad_log_s = (
-            torch.ops.glow_ext.actnorm_invconv_lu_backward(
-                grad_y, torch.zeros((), dtype=bias.dtype, device=bias.device),
-                x, bias, logs, perm, lower, upper, log_s, sign_s))
-        return grad_y, -grad_bias, -grad_logs, None, -grad_lower, -grad_upper, -grad_log_s, None
+        # x = f⁻¹(y; θ): implicit differentiation in the backward op (dL/dy = J⁻ᵀ·dL/dx with
+        # J = W·diag(exp(logs)), dL/dθ = −(∂f/∂θ)ᵀ·dL/dy at (x, θ)).
+        x, *params = ctx.saved_tensors
+        grad_y, grad_bias, grad_logs, grad_lower, grad_upper, grad_log_s = (
+            torch.ops.glow_ext.actnorm_invconv_lu_inverse_backward(grad_x, x, *params))
+        return grad_y, grad_bias, grad_logs, None, grad_lower, grad_upper, grad_log_s, None
 
     torch.library.register_autograd(
         "glow_ext::actnorm_invconv_lu_inverse", _inverse_backward, setup_context=_inverse_setup_context)
@@ -175,6 +171,7 @@ if _C is not None:
             "op has no derivative). Use glow_ext.reference.actnorm_invconv_lu for higher-order "
             "gradients.")
 
-    torch.library.register_autograd(
-        "glow_ext::actnorm_invconv_lu_backward", _no_double_backward,
-        setup_context=lambda ctx, inputs, output: None)
+    for _backward_op in ("actnorm_invconv_lu_backward", "actnorm_invconv_lu_inverse_backward"):
+        torch.library.register_autograd(
+            f"glow_ext::{_backward_op}", _no_double_backward,
+            setup_context=lambda ctx, inputs, output: None)

@@ -475,7 +475,7 @@ def test_double_backward_raises(device):
     with pytest.raises(RuntimeError, match="double backward"):
         sum(g.square().sum() for g in grads).backward()
 
-    # The inverse's backward uses the forward's backward op for the parameter gradients.
+    # The inverse's backward op is not differentiable either.
     y, params = _gradcheck_inputs((2, 5, 3, 3), device)
     x = ops.actnorm_invconv_lu_inverse(y, *params)
     (grad_lower,) = torch.autograd.grad(x.square().sum(), params[PARAM_NAMES.index("lower")], create_graph=True)
@@ -530,12 +530,58 @@ def test_opcheck_forward_and_inverse(op_name, shape, device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape", OPCHECK_SHAPES)
 def test_opcheck_backward(shape, device):
-    # No requires_grad: the backward op is deliberately not differentiable.
+    # No requires_grad: the backward ops are deliberately not differentiable.
     x, params = _setup(shape, torch.float32, device)
     grad_y = torch.randn_like(x)
     grad_logdet = torch.tensor(0.7, device=device)
     torch.library.opcheck(torch.ops.glow_ext.actnorm_invconv_lu_backward.default,
                           (grad_y, grad_logdet, x, *params))
+    torch.library.opcheck(torch.ops.glow_ext.actnorm_invconv_lu_inverse_backward.default,
+                          (grad_y, x, *params))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(3, 12, 7, 7), (64, 48, 4, 4), (2, 64, 5, 5), (3, 96, 3, 7)],
+                         ids=["C12-one-sweep", "C48-one-sweep-largest", "C64-mix-then-gemm", "C96"])
+def test_backward_ops_against_dense_float64(shape, dtype, device):
+    """Both backward ops against the float64 formulas with explicit dense matrices: dL/dx = Wfᵀ·g
+    and, through the inverse, dL/dy = Wf⁻ᵀ·g with the parameter gradients of the forward at the
+    inverse's output, negated. Covers each CPU path (one-sweep kernel, channel mix + GEMM, loop and
+    GEMM chain rule) and, on CUDA, the generic ones."""
+    x, params = _setup(shape, dtype, device, seed=8)
+    g = torch.randn_like(x)
+    x64, p64 = x.double(), cast_params(params, torch.float64)
+    wf = reference.lu_weight(*p64[2:]) * p64[1].exp()  # W·diag(exp(logs)), float64
+    tol = grad_tol(dtype)
+
+    grads = torch.ops.glow_ext.actnorm_invconv_lu_backward(g, torch.tensor(0.3, dtype=dtype, device=device),
+                                                           x, *params)
+    assert_rel_close(grads[0], torch.einsum("ji,njhw->nihw", wf, g.double()), tol, "grad_x")
+    xr, pr = _with_grad(x64, p64)
+    y, logdet = reference.actnorm_invconv_lu(xr, *pr)
+    ((y * g.double()).sum() + 0.3 * logdet).backward()
+    for got, (name, expected) in zip(grads[1:], list(_grads(xr, pr).items())[1:]):
+        assert got.dtype == dtype, name
+        assert_rel_close(got, expected, tol, name)
+
+    inv = torch.ops.glow_ext.actnorm_invconv_lu_inverse_backward(g, x, *params)
+    assert_rel_close(inv[0], torch.einsum("ji,njhw->nihw", torch.linalg.inv(wf), g.double()), tol, "grad_y")
+    minus = torch.ops.glow_ext.actnorm_invconv_lu_backward(inv[0], torch.zeros((), dtype=dtype, device=device),
+                                                           x, *params)
+    for got, expected, name in zip(inv[1:], minus[1:], PARAM_NAMES[:2] + PARAM_NAMES[3:6]):
+        assert_rel_close(got, -expected, tol, name)
+
+
+def test_cpu_backward_is_deterministic():
+    """The weight gradient's reduction over pixels adds the per-thread partial sums in thread order:
+    bitwise the same on every call (the trainer's resume test relies on it)."""
+    x, params = _setup((64, 24, 8, 8), torch.float32, "cpu", seed=9)
+    g = torch.randn_like(x)
+    first = torch.ops.glow_ext.actnorm_invconv_lu_backward(g, torch.tensor(1.0), x, *params)
+    for _ in range(3):
+        again = torch.ops.glow_ext.actnorm_invconv_lu_backward(g, torch.tensor(1.0), x, *params)
+        assert all(torch.equal(a, b) for a, b in zip(first, again))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -777,6 +823,19 @@ def test_backward_op_bad_inputs():
         backward(x, torch.ones(2), x, *params)
     with pytest.raises(RuntimeError, match=r"actnorm_invconv_lu_backward: `perm` must be a permutation"):
         backward(x, gld, x, *_replace(params, perm=torch.tensor([1, 1, 0])))
+
+
+def test_inverse_backward_op_bad_inputs():
+    x, params = _setup((2, 3, 3, 3), torch.float32, "cpu")
+    backward = torch.ops.glow_ext.actnorm_invconv_lu_inverse_backward
+    with pytest.raises(RuntimeError, match=r"actnorm_invconv_lu_inverse_backward: `grad_x` must have the shape"):
+        backward(torch.randn(2, 3, 3, 4), x, *params)
+    with pytest.raises(RuntimeError, match=r"`grad_x` must match `x` in dtype and device"):
+        backward(x.double(), x, *params)
+    with pytest.raises(RuntimeError, match=r"actnorm_invconv_lu_inverse_backward: `perm` must be a permutation"):
+        backward(x, x, *_replace(params, perm=torch.tensor([1, 1, 0])))
+    with pytest.raises(RuntimeError, match=r"actnorm_invconv_lu_inverse_backward: `lower` must have shape"):
+        backward(x, x, *_replace(params, lower=torch.randn(3, 4)))
 
 
 def test_arguments_on_different_devices():

@@ -1,7 +1,7 @@
 // CPU kernels of the fused ActNorm + LU 1x1 convolution.
 //
-// Two per-pixel primitives: the channel mix y = Wf·x + c (forward, inverse, and dL/dx = Wfᵀ·g) and
-// the weight gradient Σ g·xᵀ, Σ g. Both are loops over SIMD tiles of pixels compiled for AVX-512,
+// Two per-pixel primitives: the channel mix y = Wf·x + c (forward, inverse), and the backward pass
+// that mixes (dL/dx = Wfᵀ·g) and sums the weight gradient Σ g·xᵀ, Σ g in one sweep of the pixels. Both are loops over SIMD tiles of pixels compiled for AVX-512,
 // AVX2+FMA and baseline x86-64, picked at run time; past kDirectMaxChannels, GEMMs. For small C the
 // C x C work around them (weight fold, chain rule) is plain loops too: ATen launches would cost
 // more than the arithmetic.
@@ -22,7 +22,13 @@ namespace {
 
 constexpr int64_t kDirectMaxChannels = 512;  // beat at::baddbmm at every C measured (up to 256)
 constexpr int64_t kSmallFoldMaxChannels = 32;   // the per-entry fold loop is O(C^3) scalar
-constexpr int64_t kSmallChainMaxChannels = 64;
+// Past it the chain rule's two float32 GEMMs win (one thread, backward op at 1x64x4x4 and
+// 4x64x16x16: the loops took 1.3-1.5x as long).
+constexpr int64_t kSmallChainMaxChannels = 48;
+// Past this C the one-sweep backward's register-blocked weight gradient loses to the channel mix
+// plus MKL's batched GEMM (one thread, backward op: 4x48x16x16 340 us against 540 us; 4x96x16x16
+// 1250 us against 750 us).
+constexpr int64_t kMixOuterMaxChannels = 48;
 constexpr int kRows = 8;              // output channels computed per pass over an input tile
 constexpr int64_t kTileBytes = 128;   // pixels per task and image row: two AVX-512 registers
 constexpr int64_t kMinFlopsPerTask = 1 << 16;
@@ -78,23 +84,27 @@ GLOW_HD void mix_pixels(const MixArgs<scalar_t>& a, const scalar_t* x, scalar_t*
   }
 }
 
-// Tiles [begin, end) of kTileBytes of pixels, in lanes of kLaneBytes; the ragged end of an image
-// in half lanes, then single pixels.
+// Pixels [p, p_end) of image n, in lanes of kLaneBytes; the ragged end in half lanes, then single
+// pixels.
+template <typename scalar_t, int kLaneBytes>
+GLOW_HD void mix_span(const MixArgs<scalar_t>& a, int64_t n, int64_t p, int64_t p_end) {
+  constexpr int64_t lane = kLaneBytes / sizeof(scalar_t);
+  const scalar_t* x = a.x + n * a.channels * a.pixels;
+  scalar_t* y = a.y + n * a.channels * a.pixels;
+  for (; p + lane <= p_end; p += lane) mix_pixels<Lane<scalar_t, kLaneBytes>>(a, x + p, y + p);
+  for (; p + lane / 2 <= p_end; p += lane / 2) {
+    mix_pixels<Lane<scalar_t, kLaneBytes / 2>>(a, x + p, y + p);
+  }
+  for (; p < p_end; ++p) mix_pixels<scalar_t>(a, x + p, y + p);
+}
+
+// Tiles [begin, end) of kTileBytes of pixels.
 template <typename scalar_t, int kLaneBytes>
 GLOW_HD void mix_tiles(const MixArgs<scalar_t>& a, int64_t begin, int64_t end) {
   constexpr int64_t tile = kTileBytes / sizeof(scalar_t);
-  constexpr int64_t lane = kLaneBytes / sizeof(scalar_t);
   for (int64_t t = begin; t < end; ++t) {
-    const int64_t n = t / a.tiles_per_image;
-    int64_t p = (t % a.tiles_per_image) * tile;
-    const int64_t p_end = std::min(p + tile, a.pixels);
-    const scalar_t* x = a.x + n * a.channels * a.pixels;
-    scalar_t* y = a.y + n * a.channels * a.pixels;
-    for (; p + lane <= p_end; p += lane) mix_pixels<Lane<scalar_t, kLaneBytes>>(a, x + p, y + p);
-    for (; p + lane / 2 <= p_end; p += lane / 2) {
-      mix_pixels<Lane<scalar_t, kLaneBytes / 2>>(a, x + p, y + p);
-    }
-    for (; p < p_end; ++p) mix_pixels<scalar_t>(a, x + p, y + p);
+    const int64_t p = (t % a.tiles_per_image) * tile;
+    mix_span<scalar_t, kLaneBytes>(a, t / a.tiles_per_image, p, std::min(p + tile, a.pixels));
   }
 }
 
@@ -102,6 +112,9 @@ template <typename scalar_t>
 struct OuterArgs {
   const scalar_t* g;  // grad_y, NCHW
   const scalar_t* x;
+  // When set, the pass first writes mix->y = mix->weight·mix->x over each group of pixels, while
+  // they are in cache; g is then mix->x or mix->y.
+  const MixArgs<scalar_t>* mix;
   int64_t channels, pixels;  // pixels per image (H·W)
   int64_t chunk, chunks_per_image;
 };
@@ -156,7 +169,8 @@ GLOW_HD void outer_block(const OuterArgs<scalar_t>& a, int64_t t0, int64_t t1, i
   }
 }
 
-// Partial dL/dWf = Σ g·xᵀ and dL/dc = Σ g over tasks [begin, end), added into out = [C*C | C].
+// Partial dL/dWf = Σ g·xᵀ and dL/dc = Σ g over tasks [begin, end), added into out = [C*C | C]
+// (after the channel mix of each group when a.mix is set: one pass over the pixels for both).
 // Tasks are taken in groups whose data fits in L2, so each group is read from memory once while
 // every block of (i, j) sweeps it.
 template <typename scalar_t, int kLaneBytes, int kBlock>
@@ -165,8 +179,13 @@ GLOW_HD void outer_sums(const OuterArgs<scalar_t>& a, int64_t begin, int64_t end
   const int64_t C = a.channels;
   const int64_t full = C - C % kBlock;  // (i, j) < full in register blocks, the rest one by one
   const int64_t group = std::max<int64_t>(1, kOuterGroupBytes / (2 * C * a.chunk * sizeof(scalar_t)));
+  constexpr int64_t lanes_per_reg = kLaneBytes / sizeof(scalar_t);
   for (int64_t t0 = begin; t0 < end; t0 += group) {
     const int64_t t1 = std::min(end, t0 + group);
+    for (int64_t t = t0; a.mix && t < t1; ++t) {
+      const int64_t p0 = (t % a.chunks_per_image) * a.chunk;
+      mix_span<scalar_t, kLaneBytes>(*a.mix, t / a.chunks_per_image, p0, std::min(p0 + a.chunk, a.pixels));
+    }
     for (int64_t i = 0; i < full; i += kBlock) {
       for (int64_t j = 0; j < full; j += kBlock) outer_block<kBlock, lane_t>(a, t0, t1, i, j, out);
     }
@@ -179,8 +198,11 @@ GLOW_HD void outer_sums(const OuterArgs<scalar_t>& a, int64_t begin, int64_t end
       const int64_t p1 = std::min(p0 + a.chunk, a.pixels);
       for (int64_t i = 0; i < C; ++i) {
         const scalar_t* g = a.g + (n * C + i) * a.pixels;
-        scalar_t sum = 0;
-        for (int64_t p = p0; p < p1; ++p) sum += g[p];
+        lane_t lanes{};  // a scalar running sum would be one add per pixel, latency-bound
+        int64_t p = p0;
+        for (; p + lanes_per_reg <= p1; p += lanes_per_reg) lanes += StridedLoad<lane_t, scalar_t>{g + p, 0}(0);
+        scalar_t sum = lane_sum<lane_t, scalar_t>(lanes);
+        for (; p < p1; ++p) sum += g[p];
         out[C * C + i] += sum;
       }
     }
@@ -236,17 +258,23 @@ void mix_direct(const MixArgs<scalar_t>& a, int64_t tasks) {
 
 constexpr int64_t kOuterChunkPixels = 4096;
 
-bool weight_gradient_cpu(const at::Tensor& grad_y, const at::Tensor& x, at::Tensor& grad_folded,
-                         at::Tensor& grad_offset) {
+bool mix_outer_cpu(const at::Tensor& src, const at::Tensor& weight_in, const at::Tensor& x,
+                   bool outer_of_out, at::Tensor& out, at::Tensor& grad_folded,
+                   at::Tensor& grad_offset) {
   const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
-  if (C > kDirectMaxChannels) return false;
+  if (C > kMixOuterMaxChannels) return false;
+  const auto weight = weight_in.contiguous();
+  out = at::empty_like(src, at::MemoryFormat::Contiguous);
   auto total = at::zeros({C * C + C}, x.options());
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "glow_ext_weight_gradient_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "glow_ext_mix_outer_cpu", [&] {
+    const std::vector<scalar_t> no_offset(C, 0);
+    const MixArgs<scalar_t> mix{src.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
+                                weight.const_data_ptr<scalar_t>(), no_offset.data(), C, HW, 0};
     const int64_t chunk = std::min(HW, kOuterChunkPixels);
-    const OuterArgs<scalar_t> args{grad_y.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+    const OuterArgs<scalar_t> args{outer_of_out ? mix.y : mix.x, x.const_data_ptr<scalar_t>(), &mix,
                                    C, HW, chunk, (HW + chunk - 1) / chunk};
     const int64_t tasks = N * args.chunks_per_image;
-    const int64_t grain = std::max<int64_t>(1, kMinFlopsPerTask / std::max<int64_t>(2 * C * C * chunk, 1));
+    const int64_t grain = std::max<int64_t>(1, kMinFlopsPerTask / std::max<int64_t>(4 * C * C * chunk, 1));
     // One partial sum per thread, added up in thread order: the chunks of at::parallel_for are a
     // function of the thread count alone, so the result is the same on every run.
     const int64_t size = C * C + C;
@@ -398,7 +426,7 @@ bool chain_small_cpu(const LUParams& p, const at::Tensor& grad_folded, const at:
 }
 
 const Backend kCpuBackend{channel_mix_cpu, fold_forward_small_cpu, chain_small_cpu,
-                          weight_gradient_cpu};
+                          mix_outer_cpu};
 
 }  // namespace
 
@@ -416,6 +444,7 @@ TORCH_LIBRARY_IMPL(glow_ext, CPU, m) {
   m.impl("actnorm_invconv_lu", &Ops::forward_op);
   m.impl("actnorm_invconv_lu_inverse", &Ops::inverse_op);
   m.impl("actnorm_invconv_lu_backward", &Ops::backward_op);
+  m.impl("actnorm_invconv_lu_inverse_backward", &Ops::inverse_backward_op);
   m.impl("channel_map", &Ops::channel_map_op);
 }
 

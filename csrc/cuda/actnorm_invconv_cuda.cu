@@ -170,6 +170,7 @@ TORCH_LIBRARY_IMPL(glow_ext, CUDA, m) {
   m.impl("actnorm_invconv_lu", &Ops::forward_op);
   m.impl("actnorm_invconv_lu_inverse", &Ops::inverse_op);
   m.impl("actnorm_invconv_lu_backward", &Ops::backward_op);
+  m.impl("actnorm_invconv_lu_inverse_backward", &Ops::inverse_backward_op);
   m.impl("channel_map", &Ops::channel_map_op);
 }
 
