@@ -1,5 +1,5 @@
 """glow_ext: fast, exact Glow layers on fused C++/CUDA kernels."""
-from . import nn, ops, reference
+from . import coupling_ops, nn, ops, reference
 
 __version__ = "0.1.0"
 
@@ -17,4 +17,4 @@ def build_info() -> dict:
     return info
 
 
-__all__ = ["build_info", "nn", "ops", "reference"]
+__all__ = ["build_info", "coupling_ops", "nn", "ops", "reference"]
