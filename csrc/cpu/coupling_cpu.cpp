@@ -109,7 +109,10 @@ void run(const CouplingCall& call) {
   const int64_t chunks = (half + kChunk - 1) / kChunk;
   const int64_t tasks = N * ((chunks + kChunksPerTask - 1) / kChunksPerTask);
   std::vector<scalar_t> partials(kMode == CouplingMode::kForward ? N * chunks : 0);
-  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+  // ATen's grain for elementwise work: below it one thread is faster than waking the others (and,
+  // on a shared machine, than waiting for them at the barrier).
+  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / (kChunk * kChunksPerTask));
+  at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
     switch (kIsa) {
 #if defined(__x86_64__)
       case Isa::kAvx512: return run_tasks_avx512<kMode>(p, chunks, begin, end, partials.data());
