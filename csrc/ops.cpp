@@ -28,6 +28,16 @@ TORCH_LIBRARY(glow_ext, m) {
       "Tensor perm, Tensor lower, Tensor upper, Tensor log_s, Tensor sign_s) -> (Tensor grad_y, "
       "Tensor grad_bias, Tensor grad_logs, Tensor grad_lower, Tensor grad_upper, Tensor grad_log_s)");
   m.def("channel_map(Tensor x, Tensor weight, Tensor offset) -> Tensor");
+  // Affine coupling: h = (shift, scale logit) along channels, y_b = (x_b + shift)·sigmoid(logit + 2),
+  // logdet (N,) = Σ log sigmoid(logit + 2) per sample (csrc/coupling.h).
+  m.def("affine_coupling(Tensor x_b, Tensor h) -> (Tensor y_b, Tensor logdet)");
+  m.def("affine_coupling_inverse(Tensor y_b, Tensor h) -> Tensor");
+  m.def(
+      "affine_coupling_backward(Tensor grad_y_b, Tensor grad_logdet, Tensor x_b, Tensor h) -> "
+      "(Tensor grad_x_b, Tensor grad_h)");
+  m.def(
+      "affine_coupling_inverse_backward(Tensor grad_x_b, Tensor y_b, Tensor h) -> "
+      "(Tensor grad_y_b, Tensor grad_h)");
 }
 
 PYBIND11_MODULE(_C, m) {

@@ -1,11 +1,11 @@
 """glow_ext: fast, exact Glow layers on fused C++/CUDA kernels.
 
-The library: `ops` (the fused ops), `reference` (the same math in plain PyTorch), `nn` (layers),
+The library: `ops` and `coupling_ops` (the fused ops), `reference` (the same math in plain PyTorch), `nn` (layers),
 `models` (Glow, LogitGlow), `reversible` (reversible backprop), `compat` (drop-in layers for two
 Glow code bases). The training application (glow_ext.training) and the benchmarks
 (glow_ext.bench) are subpackages that `import glow_ext` does not load.
 """
-from . import nn, ops, reference
+from . import coupling_ops, nn, ops, reference
 
 __version__ = "0.1.0"
 
@@ -23,4 +23,4 @@ def build_info() -> dict:
     return info
 
 
-__all__ = ["build_info", "nn", "ops", "reference"]
+__all__ = ["build_info", "coupling_ops", "nn", "ops", "reference"]

@@ -57,3 +57,21 @@ def channel_map(x, weight, offset):
     acc = accumulation_dtype(x)
     y = torch.einsum("ij,njhw->nihw", weight.to(acc), x.to(acc)) + offset.to(acc).view(1, -1, 1, 1)
     return y.to(x.dtype)
+
+
+def affine_coupling(x_b, h):
+    """(y_b, logdet): shift, logit = h[:, :C], h[:, C:]; y_b = (x_b + shift)·sigmoid(logit + 2),
+    logdet (N,) = Σ log sigmoid(logit + 2) in the accumulation dtype."""
+    acc = accumulation_dtype(x_b)
+    c = x_b.shape[1]
+    log_scale = torch.nn.functional.logsigmoid(h[:, c:].to(acc) + 2.0)
+    y_b = (x_b.to(acc) + h[:, :c].to(acc)) * log_scale.exp()
+    return y_b.to(x_b.dtype), log_scale.flatten(1).sum(1)
+
+
+def affine_coupling_inverse(y_b, h):
+    """x_b = y_b / sigmoid(logit + 2) - shift."""
+    acc = accumulation_dtype(y_b)
+    c = y_b.shape[1]
+    log_scale = torch.nn.functional.logsigmoid(h[:, c:].to(acc) + 2.0)
+    return (y_b.to(acc) * (-log_scale).exp() - h[:, :c].to(acc)).to(y_b.dtype)
