@@ -40,7 +40,8 @@ TORCH_LIBRARY(glow_ext, m) {
       "(Tensor grad_y_b, Tensor grad_h)");
 }
 
-PYBIND11_MODULE(_C, m) {
+// TORCH_EXTENSION_NAME: _C when built by setup.py, another name for the just-in-time build.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "glow_ext compiled kernels; the ops themselves live in torch.ops.glow_ext";
   m.def("build_info", [] {
     pybind11::dict info;

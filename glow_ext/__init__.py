@@ -11,7 +11,8 @@ __version__ = "0.1.0"
 
 
 def build_info() -> dict:
-    """How the extension was built: CPU kernels loaded, CUDA kernels compiled (archs), torch version."""
+    """How the extension was built: CPU kernels loaded, CUDA kernels compiled (archs), the torch it was
+    built for and the running one, OpenMP, where the module is; load_error when there are none."""
     import torch
 
     if not ops.kernels_available():
@@ -19,6 +20,8 @@ def build_info() -> dict:
                 "torch_version": None, "load_error": str(ops.LOAD_ERROR),
                 "runtime_torch_version": torch.__version__}
     info = dict(ops._C.build_info())
+    info.update({key: ops.BUILD_METADATA[key] for key in ("torch_flavour", "openmp") if key in ops.BUILD_METADATA})
+    info["module"] = ops._C.__file__
     info["runtime_torch_version"] = torch.__version__
     return info
 

@@ -2,7 +2,8 @@
 
 The kernels live in the compiled extension as `torch.ops.glow_ext.*` (CPU, and CUDA when built with
 it); this module registers their fake (meta) kernels and autograd formulas. Without the extension
-every function falls back, with a warning, to `glow_ext.reference`.
+every function falls back, with a warning, to `glow_ext.reference`; `glow_ext._loader` finds
+the module (or says why there is none).
 
 Conventions (see README): x is (N, C, H, W); bias, logs, log_s, sign_s are (C,); perm is (C,) int64
 with P[i, j] = 1 iff j == perm[i]; only the strict lower part of `lower` and the strict upper part
@@ -18,18 +19,14 @@ import warnings
 import torch
 
 from . import reference
+from ._loader import load_kernels
 
-try:
-    from . import _C  # noqa: F401  (loading it registers torch.ops.glow_ext)
-
-    LOAD_ERROR = None
-except ImportError as error:  # pragma: no cover - exercised by the CPU-only/fallback test
-    _C = None
-    LOAD_ERROR = error
+# The compiled module (it registers torch.ops.glow_ext when loaded), or None and why not.
+_C, LOAD_ERROR, BUILD_METADATA = load_kernels()
+if _C is None:
     warnings.warn(
-        f"glow_ext: the compiled kernels could not be loaded ({error}). Every op falls back to the "
-        "pure-PyTorch reference, which is much slower. Rebuild with "
-        "`pip install --no-build-isolation .`",
+        f"glow_ext: the compiled kernels could not be loaded: {LOAD_ERROR}. Every op falls back to "
+        "the pure-PyTorch reference, which is much slower.",
         RuntimeWarning,
         stacklevel=2,
     )
