@@ -19,7 +19,7 @@ import zipfile
 import pytest
 import torch
 
-from build_helpers import (BUILD_TIMEOUT_S, CHECK_KERNELS, CHECK_OPS, ISOLATE, TORCH_SITE, clean_env,
+from build_helpers import (BUILD_TIMEOUT_S, CHECK_KERNELS, CHECK_OPS, ISOLATE, ROOT, TORCH_SITE, clean_env,
                            copy_package, make_venv, output, run, write_script)
 
 CPU_TORCH = "torch==2.13.0+cpu"  # a small CPU-only torch, when the pip index has it locally
