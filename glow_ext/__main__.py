@@ -5,7 +5,8 @@ Its module is imported only when the command runs, so `glow-ext info` stays ligh
 write its two functions and append an entry. train, sample and evaluate live in
 glow_ext.training.commands, ablate in glow_ext.training.ablation (the training application is the
 glow_ext.training package); bench-ops in glow_ext.bench.ops, bench in glow_ext.bench.suite (its
-plots and tables in glow_ext.bench.report), bench-reversible in glow_ext.bench.reversible.
+plots and tables in glow_ext.bench.report), bench-reversible in glow_ext.bench.reversible,
+bench-dropin in glow_ext.bench.dropin.
 """
 import argparse
 import importlib
@@ -44,6 +45,9 @@ COMMANDS = [
     ("bench-reversible", "reversible vs ordinary backprop: memory saved for backward, peak memory "
                          "and step time for K = 8, 16, 32",
      _lazy("bench.reversible", "add_arguments"), _lazy("bench.reversible", "run", exit_status=0)),
+    ("bench-dropin", "a training step of rosinality- and y0ast-style Glows with their own layers "
+                     "against the glow_ext.compat drop-ins, same weights",
+     _lazy("bench.dropin", "add_arguments"), _lazy("bench.dropin", "run_command")),
     ("train", "train Glow (digits by default; cifar10, a folder of images); also under torchrun",
      _lazy("training.commands", "train_arguments"), _lazy("training.commands", "train_run")),
     ("sample", "write a grid of samples from a trained checkpoint as a PNG",

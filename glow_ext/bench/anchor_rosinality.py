@@ -6,9 +6,10 @@ its documented structure; see /work/shared/glow-facts.md): each level squeezes, 
 ZeroConv2d, scale = sigmoid(log_s + 2)), then splits off half the channels scored by a learned
 conditional prior (a ZeroConv2d of the kept half; the top prior is a ZeroConv2d of zeros).
 
-`layers` picks the ActNorm and 1x1-conv classes, so the same model (and the same state_dict) runs
-with the original-style layers below or with the `glow_ext.compat.rosinality` drop-ins:
-`RosinalityGlow(3, 8, 3, 128, layers=COMPAT_LAYERS)`.
+`layers` picks the ActNorm, 1x1-conv and coupling classes, so the same model (and the same
+state_dict) runs with the original-style layers below or with the `glow_ext.compat.rosinality`
+drop-ins: `RosinalityGlow(3, 8, 3, 128, layers=compat_layers())` (ActNorm and InvConv2dLU),
+`compat_layers(coupling=True)` (AffineCoupling too).
 """
 import math
 from types import SimpleNamespace
@@ -123,7 +124,7 @@ class Flow(nn.Module):
         super().__init__()
         self.actnorm = layers.ActNorm(in_channel)
         self.invconv = layers.InvConv2dLU(in_channel)
-        self.coupling = AffineCoupling(in_channel, filter_size)
+        self.coupling = layers.AffineCoupling(in_channel, filter_size)
 
     def forward(self, x):
         out, logdet = self.actnorm(x)
@@ -241,11 +242,13 @@ def rosinality_loss(log_p, logdet, image_size, n_bins, in_channel=3):
     return (-loss / (math.log(2) * n_pixel)).mean()
 
 
-ORIGINAL_LAYERS = SimpleNamespace(ActNorm=ActNorm, InvConv2dLU=InvConv2dLU)
+ORIGINAL_LAYERS = SimpleNamespace(ActNorm=ActNorm, InvConv2dLU=InvConv2dLU, AffineCoupling=AffineCoupling)
 
 
-def compat_layers():
-    """The glow_ext.compat.rosinality drop-ins (imported lazily: they load the kernels)."""
+def compat_layers(coupling=False):
+    """The glow_ext.compat.rosinality drop-ins for ActNorm and InvConv2dLU, with coupling=True also
+    for AffineCoupling (imported lazily: they load the kernels)."""
     from ..compat import rosinality
 
-    return SimpleNamespace(ActNorm=rosinality.ActNorm, InvConv2dLU=rosinality.InvConv2dLU)
+    return SimpleNamespace(ActNorm=rosinality.ActNorm, InvConv2dLU=rosinality.InvConv2dLU,
+                           AffineCoupling=rosinality.AffineCoupling if coupling else AffineCoupling)

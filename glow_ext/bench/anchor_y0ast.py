@@ -11,13 +11,15 @@ Conv2dZeros of the kept half (mean, log-std split "cross"); the top prior is a C
 zeros buffer `prior_h` (learn_top), split in halves. No class conditioning (y_condition=False).
 
 `layers` picks the ActNorm2d and InvertibleConv1x1 classes (every ActNorm2d, the coupling network's
-too, as replacing the import would), so the same state_dict runs with the original-style layers
-below or with the `glow_ext.compat.glow_pytorch` drop-ins: `Y0astGlow(..., layers=compat_layers())`.
+too, as replacing the import would) and optionally a FlowStep class, so the same state_dict runs
+with the original-style layers below or with the `glow_ext.compat.glow_pytorch` drop-ins:
+`Y0astGlow(..., layers=compat_layers())`, or `compat_layers(flow_step=True)` for whole steps.
 
 Deviation: the original adds the uniform dequantization noise inside `forward`; here the caller
 adds it (so that two models can score the very same input), and `forward` adds the matching
 -D·log(n_bins) to the objective.
 """
+import functools
 import math
 from types import SimpleNamespace
 
@@ -156,8 +158,12 @@ class FlowStep(nn.Module):
     """ActNorm2d → InvertibleConv1x1 → affine coupling (its network `block`; the coupling itself is
     written here, as in the original)."""
 
-    def __init__(self, in_channels, hidden_channels, actnorm_scale, LU_decomposed, layers):
+    def __init__(self, in_channels, hidden_channels, actnorm_scale, flow_permutation, flow_coupling,
+                 LU_decomposed, layers=None):
         super().__init__()
+        if (flow_permutation, flow_coupling) != ("invconv", "affine"):
+            raise ValueError("this anchor has the invconv permutation and affine coupling only")
+        layers = layers or ORIGINAL_LAYERS
         self.actnorm = layers.ActNorm2d(in_channels, actnorm_scale)
         self.invconv = layers.InvertibleConv1x1(in_channels, LU_decomposed=LU_decomposed)
         self.block = coupling_block(in_channels // 2, in_channels, hidden_channels, layers.ActNorm2d)
@@ -245,13 +251,16 @@ class FlowNet(nn.Module):
     def __init__(self, image_shape, hidden_channels, K, L, actnorm_scale, LU_decomposed, layers):
         super().__init__()
         height, width, channels = image_shape
+        # A `layers.FlowStep` (a whole-step drop-in) replaces the step; else the step below, with
+        # `layers`' ActNorm2d and InvertibleConv1x1.
+        make_step = getattr(layers, "FlowStep", None) or functools.partial(FlowStep, layers=layers)
         self.layers = nn.ModuleList()
         for level in range(L):
             channels, height, width = channels * 4, height // 2, width // 2
             self.layers.append(SqueezeLayer())
             for _ in range(K):
-                self.layers.append(FlowStep(channels, hidden_channels, actnorm_scale, LU_decomposed,
-                                            layers))
+                self.layers.append(make_step(channels, hidden_channels, actnorm_scale, "invconv",
+                                             "affine", LU_decomposed))
             if level < L - 1:
                 self.layers.append(Split2d(channels))
                 channels //= 2
@@ -323,9 +332,13 @@ def y0ast_loss(bpd):
 ORIGINAL_LAYERS = SimpleNamespace(ActNorm2d=ActNorm2d, InvertibleConv1x1=InvertibleConv1x1)
 
 
-def compat_layers():
-    """The glow_ext.compat.glow_pytorch drop-ins (imported lazily: they load the kernels)."""
+def compat_layers(flow_step=False):
+    """The glow_ext.compat.glow_pytorch drop-ins for ActNorm2d and InvertibleConv1x1, with
+    flow_step=True the whole-step FlowStep drop-in instead (imported lazily: they load the kernels)."""
     from ..compat import glow_pytorch
 
-    return SimpleNamespace(ActNorm2d=glow_pytorch.ActNorm2d,
-                           InvertibleConv1x1=glow_pytorch.InvertibleConv1x1)
+    layers = SimpleNamespace(ActNorm2d=glow_pytorch.ActNorm2d,
+                             InvertibleConv1x1=glow_pytorch.InvertibleConv1x1)
+    if flow_step:
+        layers.FlowStep = glow_pytorch.FlowStep
+    return layers

@@ -13,16 +13,20 @@ Same constructors, `forward(input, logdet=None, reverse=False) -> (output, logde
 `logdet` is added to the given one in forward and subtracted in reverse; when it is None, None is
 returned. The increments are 0-dim tensors (the same for every sample), which broadcast onto a
 per-sample (N,) logdet as in the originals.
+
+- `Conv2d`, `Conv2dZeros`, `FlowStep` (y0ast's `model.py` / `modules.py` names and keys): a whole
+  flow step whose ActNorm + 1x1 conv is one fused op, whose coupling runs on the fused coupling op,
+  with the coupling network's ActNorms and output scale folded into its conv weights.
 """
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import ops
+from .. import coupling_ops, ops
 from ..nn import random_rotation_lu
 from . import _Memo, _channel_mean_var, _lu_of_dense, _permutation_of
 
-__all__ = ["ActNorm2d", "InvertibleConv1x1"]
+__all__ = ["ActNorm2d", "InvertibleConv1x1", "Conv2d", "Conv2dZeros", "FlowStep"]
 
 
 def _mark_loaded(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -165,3 +169,155 @@ class InvertibleConv1x1(nn.Module):
         if logdet is not None:
             logdet = logdet - dlogdet if reverse else logdet + dlogdet
         return output, logdet
+
+
+class Conv2d(nn.Module):
+    """The coupling network's conv: 'same' zero padding, no bias, N(0, weight_std²) weights, then
+    ActNorm2d (do_actnorm=True; else the conv has a bias). Params `conv.weight` and `actnorm.bias`,
+    `actnorm.logs` (or `conv.bias`), as in the original.
+
+    (conv(x) + bias)·exp(logs) = conv(x, W·exp(logs)) + bias·exp(logs): the ActNorm is folded into
+    the conv's weight and bias, which saves a pass over the network's widest activation forward and
+    backward. The data-dependent init still sees the conv's output (one unfolded call)."""
+
+    def __init__(self, in_channels, out_channels, kernel_size=(3, 3), stride=(1, 1), padding="same",
+                 do_actnorm=True, weight_std=0.05):
+        super().__init__()
+        kernel_size = (kernel_size,) * 2 if isinstance(kernel_size, int) else tuple(kernel_size)
+        if padding == "same":
+            padding = tuple(k // 2 for k in kernel_size)
+        elif padding == "valid":
+            padding = 0
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding,
+                              bias=not do_actnorm)
+        self.conv.weight.data.normal_(mean=0.0, std=weight_std)
+        if not do_actnorm:
+            self.conv.bias.data.zero_()
+        else:
+            self.actnorm = ActNorm2d(out_channels)
+        self.do_actnorm = do_actnorm
+
+    def forward(self, input):
+        if not self.do_actnorm:
+            return self.conv(input)
+        if not self.actnorm.inited and self.actnorm.training:
+            return self.actnorm(self.conv(input))[0]
+        factor = torch.exp(self.actnorm.logs).view(-1)
+        return self.conv._conv_forward(input, self.conv.weight * factor.view(-1, 1, 1, 1),
+                                       self.actnorm.bias.view(-1) * factor)
+
+
+class Conv2dZeros(nn.Module):
+    """Zero-initialised conv ('same' zero padding, with bias), output times exp(logscale_factor·logs);
+    params `conv.weight`, `conv.bias`, `logs` (C_out, 1, 1). The scale is folded into the weight and
+    bias; `channel_order` permutes the output channels (folded in as well)."""
+
+    def __init__(self, in_channels, out_channels, kernel_size=(3, 3), stride=(1, 1), padding="same",
+                 logscale_factor=3):
+        super().__init__()
+        kernel_size = (kernel_size,) * 2 if isinstance(kernel_size, int) else tuple(kernel_size)
+        if padding == "same":
+            padding = tuple(k // 2 for k in kernel_size)
+        elif padding == "valid":
+            padding = 0
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding)
+        self.conv.weight.data.zero_()
+        self.conv.bias.data.zero_()
+        self.logscale_factor = logscale_factor
+        self.logs = nn.Parameter(torch.zeros(out_channels, 1, 1))
+
+    def forward(self, input, channel_order=None):
+        factor = torch.exp(self.logs * self.logscale_factor).view(-1)
+        weight, bias = self.conv.weight * factor.view(-1, 1, 1, 1), self.conv.bias * factor
+        if channel_order is not None:
+            weight, bias = weight[channel_order], bias[channel_order]
+        return self.conv._conv_forward(input, weight, bias)
+
+
+class FlowStep(nn.Module):
+    """One Glow step of those projects' `model.py`: ActNorm2d → InvertibleConv1x1 → coupling whose
+    network `block` is Conv2d → ReLU → Conv2d 1x1 → ReLU → Conv2dZeros. Same constructor (only
+    flow_permutation="invconv"), `forward(input, logdet=None, reverse=False) -> (output, logdet)`
+    contract and state_dict keys (`actnorm.*`, `invconv.*`, `block.{0,2,4}.*`).
+
+    ActNorm and the 1x1 conv run as one fused op (`ops.actnorm_invconv_lu` with the ActNorm's bias
+    and logs); the block's ActNorms and the last conv's scale are folded into the conv weights; the
+    affine coupling (z2 = (z2 + shift)·sigmoid(logit + 2), (shift, logit) the "cross" split of the
+    block's output: even and odd channels) runs on the fused coupling op, the cross split done by
+    permuting the last conv's weight rows instead of its output. When `invconv.p` is not a
+    permutation matrix the step falls back to the separate layers. A None logdet counts as 0.
+    """
+
+    def __init__(self, in_channels, hidden_channels, actnorm_scale, flow_permutation, flow_coupling,
+                 LU_decomposed):
+        super().__init__()
+        if flow_permutation != "invconv":
+            raise ValueError(f"FlowStep drop-in: flow_permutation must be 'invconv', got "
+                             f"{flow_permutation!r} (use the original for 'shuffle' / 'reverse')")
+        if flow_coupling not in ("additive", "affine"):
+            raise ValueError(f"FlowStep: flow_coupling must be 'additive' or 'affine', got {flow_coupling!r}")
+        self.flow_coupling = flow_coupling
+        self.actnorm = ActNorm2d(in_channels, actnorm_scale)
+        self.invconv = InvertibleConv1x1(in_channels, LU_decomposed=LU_decomposed)
+        out_channels = in_channels if flow_coupling == "affine" else in_channels // 2
+        self.block = nn.Sequential(
+            Conv2d(in_channels // 2, hidden_channels), nn.ReLU(inplace=True),
+            Conv2d(hidden_channels, hidden_channels, kernel_size=(1, 1)), nn.ReLU(inplace=True),
+            Conv2dZeros(hidden_channels, out_channels))
+        # The cross split's (even, odd) channels as (first, second) halves; not a state_dict entry.
+        self.register_buffer("_uncross", torch.cat([torch.arange(0, out_channels, 2),
+                                                    torch.arange(1, out_channels, 2)]),
+                             persistent=False)
+
+    def _block(self, z1):
+        hidden = z1
+        for layer in self.block[:4]:
+            hidden = layer(hidden)
+        return self.block[4](hidden, self._uncross if self.flow_coupling == "affine" else None)
+
+    def _fused_args(self):
+        args = self.invconv._op_args()
+        if args is None:
+            return None
+        c = self.actnorm.num_features
+        return (self.actnorm.bias.view(c), self.actnorm.logs.view(c)) + tuple(args[2:])
+
+    def forward(self, input, logdet=None, reverse=False):
+        logdet = 0 if logdet is None else logdet
+        if reverse:
+            return self.reverse_flow(input, logdet)
+        return self.normal_flow(input, logdet)
+
+    def normal_flow(self, input, logdet):
+        if not self.actnorm.inited and self.actnorm.training:
+            self.actnorm.initialize_parameters(input)
+        args = self._fused_args()
+        if args is None:
+            z, logdet = self.invconv(*self.actnorm(input, logdet), reverse=False)
+        else:
+            z, dlogdet = ops.actnorm_invconv_lu(input, *args)
+            logdet = logdet + dlogdet
+        half = z.shape[1] // 2
+        z1, z2 = z[:, :half], z[:, half:]
+        if self.flow_coupling == "additive":
+            z2 = z2 + self._block(z1)
+        else:
+            z2, dlogdet = coupling_ops.affine_coupling(z2, self._block(z1))
+            logdet = logdet + dlogdet
+        return torch.cat((z1, z2), dim=1), logdet
+
+    def reverse_flow(self, input, logdet):
+        half = input.shape[1] // 2
+        z1, z2 = input[:, :half], input[:, half:]
+        h = self._block(z1)
+        if self.flow_coupling == "additive":
+            z2 = z2 - h
+        else:
+            z2 = coupling_ops.affine_coupling_inverse(z2, h)
+            logdet = logdet - F.logsigmoid(h[:, h.shape[1] // 2:] + 2.0).sum(dim=(1, 2, 3))
+        z = torch.cat((z1, z2), dim=1)
+        args = self._fused_args()
+        if args is None:
+            return self.actnorm(*self.invconv(z, logdet, reverse=True), reverse=True)
+        dlogdet = (torch.sum(args[1]) + torch.sum(args[5])) * (z.shape[2] * z.shape[3])
+        return ops.actnorm_invconv_lu_inverse(z, *args), logdet - dlogdet

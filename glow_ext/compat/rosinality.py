@@ -10,6 +10,11 @@ outputs and log-determinants:
   factorisation of `weight` per call (see the class docstring).
 - `InvConv2dLU(in_channel)`: buffers `w_p`, `u_mask`, `l_mask`, `s_sign`, `l_eye`, params `w_l`,
   `w_s`, `w_u` (`w_s` and `s_sign` are 1-D, (C,)). Runs on the fused kernels directly.
+- `ZeroConv2d(in_channel, out_channel)`: params `conv.weight`, `conv.bias`, `scale`; the 3x3 conv of
+  the ones-padded input times exp(3·scale), computed without materialising the padded input.
+- `AffineCoupling(in_channel, filter_size=512, affine=True)`: params `net.0.*`, `net.2.*`, `net.4.*`
+  (conv3x3 → ReLU → conv1x1 → ReLU → ZeroConv2d); the affine arithmetic on the fused
+  `glow_ext.coupling_ops.affine_coupling` op.
 
 Log-determinants are 0-dim tensors (the same for every sample), as in the original.
 """
@@ -17,11 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import ops
+from .. import coupling_ops, ops
 from ..nn import random_rotation_lu
 from . import _Memo, _channel_mean_var, _lu_of_dense, _permutation_of
 
-__all__ = ["ActNorm", "InvConv2d", "InvConv2dLU"]
+__all__ = ["ActNorm", "InvConv2d", "InvConv2dLU", "ZeroConv2d", "AffineCoupling"]
 
 
 class ActNorm(nn.Module):
@@ -174,3 +179,87 @@ class InvConv2dLU(nn.Module):
             inverse = torch.inverse(self.calc_weight().reshape(c, c))
             return F.conv2d(output, inverse.reshape(c, c, 1, 1))
         return ops.actnorm_invconv_lu_inverse(output, *self._op_args(perm))
+
+
+def _ones_border(height, width, like):
+    """(1, 1, H + 2, W + 2): ones on the one-pixel border, zeros inside."""
+    border = torch.ones(1, 1, height + 2, width + 2, dtype=like.dtype, device=like.device)
+    border[:, :, 1:-1, 1:-1] = 0
+    return border
+
+
+class ZeroConv2d(nn.Module):
+    """out = conv3x3(x padded with ones) · exp(3·scale), zero-initialised; params `conv.weight`,
+    `conv.bias`, `scale` (1, C_out, 1, 1) as in the original.
+
+    The original pads x with ones (F.pad, a copy of the coupling network's widest activation) and
+    then scales the conv's output (one more pass over it, forward and backward). Here exp(3·scale)
+    is folded into the weight and bias, and the ones-padding is the zero-padded conv plus the
+    border's share, conv(border of ones, Σ over input channels of the weight): a (1, C_out, H, W)
+    term that costs a one-channel conv. Measured on the rosinality-style coupling network (width
+    128, batch 16, CIFAR-10's first level, 1 thread): forward + backward 21 ms against 27 ms.
+    `channel_order` permutes the output channels (folded into the weight as well).
+    """
+
+    def __init__(self, in_channel, out_channel, padding=1):  # padding: unused, as in the original
+        super().__init__()
+        self.conv = nn.Conv2d(in_channel, out_channel, 3, padding=0)
+        self.conv.weight.data.zero_()
+        self.conv.bias.data.zero_()
+        self.scale = nn.Parameter(torch.zeros(1, out_channel, 1, 1))
+
+    def forward(self, input, channel_order=None):
+        factor = torch.exp(self.scale * 3).view(-1)
+        weight = self.conv.weight * factor.view(-1, 1, 1, 1)
+        bias = self.conv.bias * factor
+        if channel_order is not None:
+            weight, bias = weight[channel_order], bias[channel_order]
+        height, width = input.shape[2], input.shape[3]
+        border = F.conv2d(_ones_border(height, width, input), weight.sum(1, keepdim=True))
+        return F.conv2d(input, weight, bias, padding=1) + border
+
+
+class AffineCoupling(nn.Module):
+    """Affine (or, with affine=False, additive) coupling: in_a, in_b = input.chunk(2, 1);
+    log_s, t = net(in_a).chunk(2, 1); out_b = (in_b + t)·sigmoid(log_s + 2); logdet (N,) =
+    Σ log sigmoid(log_s + 2). `net` = conv3x3 → ReLU → conv1x1 → ReLU → ZeroConv2d with the
+    original's keys and init (N(0, 0.05²) weights, zero biases).
+
+    The arithmetic on in_b runs on the fused op (one pass forward, one backward, instead of ~8
+    elementwise passes); the op takes (shift, logit) halves, so the net's last conv emits its halves
+    swapped (a permutation of its weight rows, not of its output). affine=False runs as the original.
+    """
+
+    def __init__(self, in_channel, filter_size=512, affine=True):
+        super().__init__()
+        self.affine = affine
+        self.net = nn.Sequential(
+            nn.Conv2d(in_channel // 2, filter_size, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(filter_size, filter_size, 1), nn.ReLU(inplace=True),
+            ZeroConv2d(filter_size, in_channel if affine else in_channel // 2))
+        for conv in (self.net[0], self.net[2]):
+            conv.weight.data.normal_(0, 0.05)
+            conv.bias.data.zero_()
+        half = in_channel // 2
+        # Not a state_dict entry (the original has none); moves with the module.
+        self.register_buffer("_swap", torch.cat([torch.arange(half, 2 * half), torch.arange(half)]),
+                             persistent=False)
+
+    def _shift_logit(self, in_a):
+        hidden = in_a
+        for layer in self.net[:4]:
+            hidden = layer(hidden)
+        return self.net[4](hidden, self._swap)
+
+    def forward(self, input):
+        in_a, in_b = input.chunk(2, 1)
+        if not self.affine:
+            return torch.cat([in_a, in_b + self.net(in_a)], 1), None
+        out_b, logdet = coupling_ops.affine_coupling(in_b, self._shift_logit(in_a))
+        return torch.cat([in_a, out_b], 1), logdet
+
+    def reverse(self, output):
+        out_a, out_b = output.chunk(2, 1)
+        if not self.affine:
+            return torch.cat([out_a, out_b - self.net(out_a)], 1)
+        return torch.cat([out_a, coupling_ops.affine_coupling_inverse(out_b, self._shift_logit(out_a))], 1)
