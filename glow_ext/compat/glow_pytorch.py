@@ -24,7 +24,7 @@ from torch import nn
 
 from .. import coupling_ops, ops
 from ..nn import random_rotation_lu
-from . import _Memo, _channel_mean_var, _lu_of_dense, _permutation_of
+from . import _Memo, _channel_mean_var, _conv_layout, _lu_of_dense, _permutation_of
 
 __all__ = ["ActNorm2d", "InvertibleConv1x1", "Conv2d", "Conv2dZeros", "FlowStep"]
 
@@ -244,8 +244,9 @@ class FlowStep(nn.Module):
     and logs); the block's ActNorms and the last conv's scale are folded into the conv weights; the
     affine coupling (z2 = (z2 + shift)·sigmoid(logit + 2), (shift, logit) the "cross" split of the
     block's output: even and odd channels) runs on the fused coupling op, the cross split done by
-    permuting the last conv's weight rows instead of its output. When `invconv.p` is not a
-    permutation matrix the step falls back to the separate layers. A None logdet counts as 0.
+    permuting the last conv's weight rows instead of its output; the block runs channels_last on the
+    CPU (see glow_ext.compat._conv_layout). When `invconv.p` is not a permutation matrix the step
+    falls back to the separate layers. A None logdet counts as 0.
     """
 
     def __init__(self, in_channels, hidden_channels, actnorm_scale, flow_permutation, flow_coupling,
@@ -270,10 +271,10 @@ class FlowStep(nn.Module):
                              persistent=False)
 
     def _block(self, z1):
-        hidden = z1
+        hidden = _conv_layout(z1)
         for layer in self.block[:4]:
             hidden = layer(hidden)
-        return self.block[4](hidden, self._uncross if self.flow_coupling == "affine" else None)
+        return self.block[4](hidden, self._uncross if self.flow_coupling == "affine" else None).contiguous()
 
     def _fused_args(self):
         args = self.invconv._op_args()
