@@ -3,17 +3,21 @@
 For two anchors, a rosinality/glow-pytorch-style Glow (glow_ext.bench.anchor_rosinality) and a
 y0ast/Glow-PyTorch-style Glow (glow_ext.bench.anchor_y0ast), each at K=8, L=3, coupling width 128,
 batch 16 of 3x32x32 images, one training step (forward, loss, backward, Adam) is timed with the
-model's own layers ("original") and with the glow_ext.compat drop-ins ("compat"), the SAME weights
-(the original's state_dict, loaded strict), the same batch. Before timing, the loss and every
-gradient must agree; a mismatch aborts the run. The methods are timed round-robin in one process
+model's own layers ("original"), with the glow_ext.compat ActNorm and 1x1-conv drop-ins ("compat"),
+and with the coupling drop-ins as well (rosinality's `AffineCoupling`; for y0ast, whose coupling is
+written inside `FlowStep`, the whole-step `FlowStep`), all with the SAME weights (the original's
+state_dict, loaded strict) and the same batch. Before timing, the loss and every gradient must
+agree; a mismatch aborts the run. The methods are timed round-robin in one process
 (glow_ext.bench.common.time_methods): medians, interquartile ranges and counts.
 
 The share of a step spent in the replaced layers bounds what a drop-in can gain: if they took no
 time at all the step would be 1 / (1 − share) times faster. It is measured by timing those layers
-alone (forward + backward on the inputs they see in the model, every layer of the kind the drop-in
-replaces) in the same round-robin as the steps.
+alone (forward + backward on the inputs they see in the model, every layer of the kinds the drop-in
+replaces) in the same round-robin as the steps, and likewise the drop-ins' own layers.
 
 Writes dropin-<device>.json under --out. `--quick`: tiny models, for tests (never over full results).
+On a machine shared with other work, `--threads 1`: two OpenMP threads competing for busy cores
+spin at their barriers and slow every method by an order of magnitude, unevenly.
 """
 import argparse
 import json
@@ -190,11 +194,9 @@ def run_anchor(anchor, cfg, device, seed):
         if method == "original":
             continue
         own = tuple(c for c in vars(layers()).values() if c not in original_classes)
-        for label, model, classes in ((f"original layers {method} replaces", models["original"][0],
-                                       replaced), (f"{method} layers", models[method][0], own)):
-            callables[label], layer_counts[label] = _layers_pass(model, models[method][1]
-                                                                 if model is models[method][0]
-                                                                 else models["original"][1], x, classes)
+        for label, owner, classes in ((f"original layers {method} replaces", "original", replaced),
+                                      (f"{method} layers", method, own)):
+            callables[label], layer_counts[label] = _layers_pass(*models[owner], x, classes)
     timing = time_methods(callables, synchronizer(device), cfg["reps"], cfg["min_time_ms"] / 1e3,
                           cfg["warmup"], grad_mode=True)
     return {"anchor": anchor, "methods": list(methods), "checks": checks, "timing": timing,
