@@ -242,7 +242,8 @@ def rosinality_loss(log_p, logdet, image_size, n_bins, in_channel=3):
     return (-loss / (math.log(2) * n_pixel)).mean()
 
 
-ORIGINAL_LAYERS = SimpleNamespace(ActNorm=ActNorm, InvConv2dLU=InvConv2dLU, AffineCoupling=AffineCoupling)
+ORIGINAL_LAYERS = SimpleNamespace(ActNorm=ActNorm, InvConv2dLU=InvConv2dLU,
+                                  AffineCoupling=AffineCoupling)
 
 
 def compat_layers(coupling=False):

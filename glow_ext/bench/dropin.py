@@ -248,7 +248,8 @@ def run(args, stream=None):
         anchors.append(result)
         print(f"  {anchor}:\n    " + digest(result), file=stream, flush=True)
     report = {"benchmark": "glow-ext bench-dropin", **report_header(device),
-              "config": dict(cfg, quick=args.quick, dtype="float32", image_shape=[3, cfg["image"], cfg["image"]],
+              "config": dict(cfg, quick=args.quick, dtype="float32",
+                             image_shape=[3, cfg["image"], cfg["image"]],
                              optimizer="Adam", wall_s=time.perf_counter() - started),
               "anchors": anchors, "target_ratio": TARGET_RATIO, "notes": NOTES}
     report["machine"]["load_average"] = {"before": load_before, "after": os.getloadavg()}
@@ -289,7 +290,8 @@ def add_arguments(parser):
     parser.add_argument("--quick", action="store_true",
                         help=f"tiny models for tests ({QUICK}); writes to a new temporary folder "
                              "unless --out is given, never over full results")
-    parser.add_argument("--out", type=Path, default=None, help=f"output folder (default {DEFAULT_OUT_DIR})")
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"output folder (default {DEFAULT_OUT_DIR})")
     parser.add_argument("--reps", type=int, default=None, help=f"timed rounds (default {FULL['reps']})")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads first")
     parser.add_argument("--seed", type=int, default=0)

@@ -1,10 +1,12 @@
 """Drop-in replacements for the Glow layers of popular PyTorch implementations.
 
-- `glow_ext.compat.rosinality`: `ActNorm`, `InvConv2d`, `InvConv2dLU` with the constructor,
-  `forward(x)` / `reverse(y)` contract and `state_dict` keys of rosinality/glow-pytorch (`model.py`).
-- `glow_ext.compat.glow_pytorch`: `ActNorm2d`, `InvertibleConv1x1` with the constructor,
-  `forward(input, logdet=None, reverse=False)` contract and `state_dict` keys of y0ast/Glow-PyTorch
-  and chaiyujin/glow-pytorch (`modules.py`).
+- `glow_ext.compat.rosinality`: `ActNorm`, `InvConv2d`, `InvConv2dLU`, `ZeroConv2d`,
+  `AffineCoupling` with the constructor, `forward(x)` / `reverse(y)` contract and `state_dict` keys
+  of rosinality/glow-pytorch (`model.py`).
+- `glow_ext.compat.glow_pytorch`: `ActNorm2d`, `InvertibleConv1x1`, `Conv2d`, `Conv2dZeros` with
+  the constructor, `forward(input, logdet=None, reverse=False)` contract and `state_dict` keys of
+  y0ast/Glow-PyTorch and chaiyujin/glow-pytorch (`modules.py`), and y0ast's `FlowStep`
+  (`model.py`), whose coupling runs on the fused coupling op.
 
 Each loads the original module's `state_dict` unchanged (strict) and gives the same outputs and
 log-determinants; the invertible 1x1 convolutions run on the fused `glow_ext.ops` kernels. The

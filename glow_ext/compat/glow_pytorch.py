@@ -256,7 +256,8 @@ class FlowStep(nn.Module):
             raise ValueError(f"FlowStep drop-in: flow_permutation must be 'invconv', got "
                              f"{flow_permutation!r} (use the original for 'shuffle' / 'reverse')")
         if flow_coupling not in ("additive", "affine"):
-            raise ValueError(f"FlowStep: flow_coupling must be 'additive' or 'affine', got {flow_coupling!r}")
+            raise ValueError(f"FlowStep: flow_coupling must be 'additive' or 'affine', got "
+                             f"{flow_coupling!r}")
         self.flow_coupling = flow_coupling
         self.actnorm = ActNorm2d(in_channels, actnorm_scale)
         self.invconv = InvertibleConv1x1(in_channels, LU_decomposed=LU_decomposed)
@@ -274,7 +275,8 @@ class FlowStep(nn.Module):
         hidden = _conv_layout(z1)
         for layer in self.block[:4]:
             hidden = layer(hidden)
-        return self.block[4](hidden, self._uncross if self.flow_coupling == "affine" else None).contiguous()
+        order = self._uncross if self.flow_coupling == "affine" else None
+        return self.block[4](hidden, order).contiguous()
 
     def _fused_args(self):
         args = self.invconv._op_args()

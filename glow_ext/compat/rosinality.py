@@ -263,4 +263,5 @@ class AffineCoupling(nn.Module):
         out_a, out_b = output.chunk(2, 1)
         if not self.affine:
             return torch.cat([out_a, out_b - self.net(out_a)], 1)
-        return torch.cat([out_a, coupling_ops.affine_coupling_inverse(out_b, self._shift_logit(out_a))], 1)
+        out_b = coupling_ops.affine_coupling_inverse(out_b, self._shift_logit(out_a))
+        return torch.cat([out_a, out_b], 1)
