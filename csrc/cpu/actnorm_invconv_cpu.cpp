@@ -26,9 +26,9 @@ constexpr int64_t kSmallFoldMaxChannels = 32;   // the per-entry fold loop is O(
 // 4x64x16x16: the loops took 1.3-1.5x as long).
 constexpr int64_t kSmallChainMaxChannels = 48;
 // Past this C the one-sweep backward's register-blocked weight gradient loses to the channel mix
-// plus MKL's batched GEMM (one thread, backward op: 4x48x16x16 340 us against 540 us; 4x96x16x16
-// 1250 us against 750 us).
-constexpr int64_t kMixOuterMaxChannels = 48;
+// plus MKL's batched GEMM (one thread, backward op, 2026-12-01: at C = 48 the sweep took 1.2-1.9x
+// as long, 64x48x4x4 and 4x48x32x32; at C = 12 and 24 it is 0.9-1.0x, 32x24x16x16, 4x24x64x64).
+constexpr int64_t kMixOuterMaxChannels = 32;
 constexpr int kRows = 8;              // output channels computed per pass over an input tile
 constexpr int64_t kTileBytes = 128;   // pixels per task and image row: two AVX-512 registers
 constexpr int64_t kMinFlopsPerTask = 1 << 16;
