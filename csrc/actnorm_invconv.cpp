@@ -222,6 +222,13 @@ ChannelMap forward_map(const Backend& backend, const LUParams& p, const at::Tens
   return fold_forward_generic(AccParams(p, acc), p.perm);
 }
 
+ChannelMap inverse_map(const Backend& backend, const LUParams& p, const at::Tensor& y) {
+  const auto acc = accumulation_dtype(y);
+  ChannelMap map;
+  if (backend.fold_inverse_small && backend.fold_inverse_small(p, acc, map)) return map;
+  return cast(fold_inverse_generic(AccParams(p, algebra_dtype(y)), p.perm), acc);
+}
+
 // out = weight·src per pixel and the sums Σ a·xᵀ, Σ a over the pixels (a = src, or out when
 // outer_of_out): the backend's one-sweep primitive, else a channel mix and a batched GEMM.
 void mix_outer(const Backend& backend, const at::Tensor& src, const at::Tensor& weight,
@@ -272,8 +279,7 @@ Grads folded_backward(const Backend& backend, const at::Tensor& grad, const at::
   if (saved.defined()) {
     mix_weight = saved.t();
   } else if (inverse_op) {
-    // Wf⁻¹ from triangular solves in float64, as in the inverse op itself.
-    mix_weight = cast(fold_inverse_generic(AccParams(p, algebra_dtype(x)), p.perm), acc).weight.t();
+    mix_weight = inverse_map(backend, p, x).weight.t();
   } else if (backend.fold_forward_small(p, acc, map)) {
     mix_weight = map.weight.t();
   } else {
@@ -394,7 +400,7 @@ std::tuple<at::Tensor, at::Tensor> inverse_train(const Backend& backend, const a
     const auto x = v * (-a.logs).exp().unsqueeze(1) - a.bias.unsqueeze(1);
     return {from_channel_matrix(x, y.sizes(), y.scalar_type()), no_map};
   }
-  auto map = cast(fold_inverse_generic(AccParams(p, algebra_dtype(y)), p.perm), acc);
+  auto map = inverse_map(backend, p, y);
   map.weight = map.weight.contiguous();  // the solves leave it column-major; the op returns it
   return {backend.channel_mix(y, map), map.weight};
 }

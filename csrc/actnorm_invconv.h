@@ -50,6 +50,8 @@ struct Backend {
   bool (*mix_outer)(const at::Tensor& src, const at::Tensor& weight, const at::Tensor& x,
                     bool outer_of_out, at::Tensor& out, at::Tensor& grad_folded,
                     at::Tensor& grad_offset) = nullptr;
+  // Optional: the inverse map (Wf⁻¹ and −bias) for small C, as fold_forward_small.
+  bool (*fold_inverse_small)(const LUParams& p, at::ScalarType acc_dtype, ChannelMap& out) = nullptr;
 };
 
 // Validates every argument; `op` and `input_name` name the op and its image argument in messages.
