@@ -18,6 +18,7 @@ Per shape (the 13 Glow level shapes of glow_ext.bench.suite.GLOW_MODELS and the 
 """
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -134,7 +135,8 @@ def main():
     else:
         shapes = levels + [s for s in OPS_SHAPES if s not in levels]
     timing = (args.reps, args.min_time_ms / 1e3, args.warmup)
-    report = {"header": report_header("cpu"), "threads": args.threads, "shapes": {}, "sweep": {}}
+    report = {"header": report_header("cpu"), "threads": args.threads, "shapes": {}, "sweep": {},
+              "load_average_start": os.getloadavg()}
     print(f"{'shape':>14} {'vs naive':>8} {'vs LU':>6} {'vs fold':>7} {'bwd/fwd':>7} {'inv':>6}"
           f"  ours fwd+bwd ms  ours fwd ms  ours bwd ms")
     for shape in shapes:
@@ -156,6 +158,9 @@ def main():
             report["sweep"][str(c)] = res
             print(f"inverse fwd+bwd (1,{c},4,4): {res['inv_vs_naive']:.2f}x vs naive inverse "
                   f"(ours {_spread(res, 'inv_ours')} ms)", flush=True)
+    report["load_average_end"] = os.getloadavg()
+    print(f"load average (1, 5, 15 min) at start {report['load_average_start']}, at end "
+          f"{report['load_average_end']} on {os.cpu_count()} CPUs")
     if args.out:
         args.out.write_text(json.dumps(report, indent=1))
 
