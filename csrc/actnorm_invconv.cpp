@@ -13,7 +13,6 @@ namespace {
 
 using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-constexpr int64_t kTrmmBlock = 192;  // below this a dense mm on the masked block is cheaper
 
 std::string shape_str(const at::Tensor& t) { return c10::str(t.sizes()); }
 
@@ -174,11 +173,14 @@ ParamGrads param_grads(const AccParams& a, at::ScalarType param_type, const at::
 }
 
 // The backward's C x C operands in the accumulation dtype: the LU factors and Wf = W·diag(a).
+// `saved_folded`, when defined, is the forward's Wf (the training ops return it), else recomputed.
 struct BackwardFactors {
   at::Tensor unit_lower, upper_factor, folded;
-  BackwardFactors(const AccParams& a, const LUParams& p)
-      : unit_lower(a.unit_lower()), upper_factor(a.upper_factor()) {
-    folded = at::mm(unit_lower, upper_factor).index_select(0, p.perm) * a.logs.exp().unsqueeze(0);
+  BackwardFactors(const AccParams& a, const LUParams& p, const at::Tensor& saved_folded)
+      : unit_lower(a.unit_lower()), upper_factor(a.upper_factor()), folded(saved_folded) {
+    if (!folded.defined()) {
+      folded = at::mm(unit_lower, upper_factor).index_select(0, p.perm) * a.logs.exp().unsqueeze(0);
+    }
   }
 };
 
@@ -192,7 +194,8 @@ ParamGrads chain_folded(const AccParams& a, const LUParams& p, const BackwardFac
   const auto grad_logs = (grad_folded * f.folded).sum(0) + grad_bias * a.bias + gld;
   // dL/dW = (dL/dWf + dL/dc ⊗ b)·diag(a), rows moved by Pᵀ: row i goes to perm[i].
   const auto grad_weight = at::addr(grad_folded, grad_offset, a.bias) * a.logs.exp().unsqueeze(0);
-  const auto g_v = at::empty_like(grad_weight).index_copy_(0, p.perm, grad_weight);
+  // A gather by the inverse permutation: CPU index_copy_ is ~3x slower at C = 96..192.
+  const auto g_v = grad_weight.index_select(0, inverse_permutation(p.perm));
   const auto grad_upper_full = at::mm(f.unit_lower.t(), g_v);
   return {grad_bias.to(param_type), grad_logs.to(param_type),
           at::mm(g_v, f.upper_factor.t()).tril_(-1).to(param_type),
@@ -200,9 +203,10 @@ ParamGrads chain_folded(const AccParams& a, const LUParams& p, const BackwardFac
           (grad_upper_full.diagonal() * a.scale() + gld).to(param_type)};
 }
 
-// The C x C algebra of the folded path (assembly, triangular inverses, chain rule) runs in float64
-// for float32 input: the LU factors of a rotation are far worse conditioned than W itself (cond
-// ~500 at C = 257 against ~10), and O(C^3) in double is cheap next to the O(C^2·N·H·W) pixel pass.
+// The inverse's triangular solves run in float64 for float32 input: the LU factors of a rotation
+// are far worse conditioned than W itself (cond ~500 at C = 257 against ~10), and the solves must
+// keep the round trip within 1e-5. The forward's assembly W = P·L·U' is a product, not a solve: in
+// float32 its error stays at plain float32 PyTorch's (README, Performance), at half the cost.
 at::ScalarType algebra_dtype(const at::Tensor& x) {
   return is_reduced_float(x.scalar_type()) ? at::kFloat : at::kDouble;
 }
@@ -215,7 +219,14 @@ ChannelMap forward_map(const Backend& backend, const LUParams& p, const at::Tens
   const auto acc = accumulation_dtype(x);
   ChannelMap map;
   if (backend.fold_forward_small(p, acc, map)) return map;
-  return cast(fold_forward_generic(AccParams(p, algebra_dtype(x)), p.perm), acc);
+  return fold_forward_generic(AccParams(p, acc), p.perm);
+}
+
+ChannelMap inverse_map(const Backend& backend, const LUParams& p, const at::Tensor& y) {
+  const auto acc = accumulation_dtype(y);
+  ChannelMap map;
+  if (backend.fold_inverse_small && backend.fold_inverse_small(p, acc, map)) return map;
+  return cast(fold_inverse_generic(AccParams(p, algebra_dtype(y)), p.perm), acc);
 }
 
 // out = weight·src per pixel and the sums Σ a·xᵀ, Σ a over the pixels (a = src, or out when
@@ -235,35 +246,52 @@ void mix_outer(const Backend& backend, const at::Tensor& src, const at::Tensor& 
   grad_offset = g3.sum({0, 2});
 }
 
+// The map a training op returned for its backward (its `folded` output), checked; undefined when
+// absent or when it is the (0, C) placeholder of the factored path.
+at::Tensor saved_map(const char* op, const char* name, const std::optional<at::Tensor>& map,
+                     const at::Tensor& x) {
+  if (!map.has_value() || !map->defined()) return {};
+  const int64_t C = x.size(1);
+  const auto acc = accumulation_dtype(x);
+  TORCH_CHECK(map->dim() == 2 && (map->size(0) == C || map->size(0) == 0) && map->size(1) == C, op,
+              ": `", name, "` must be the (C, C) map or (0, C) placeholder that the training op ",
+              "returned, C = ", C, ", got ", shape_str(*map));
+  TORCH_CHECK(map->scalar_type() == acc && map->device() == x.device(), op, ": `", name,
+              "` must be ", acc, " on the device of `x`, got ", map->scalar_type(), " on ",
+              map->device());
+  return map->size(0) == C ? *map : at::Tensor();
+}
+
 // Backward of the folded path. Forward op, grad = dL/dy: dL/dx = Wfᵀ·grad, and the parameter
 // gradients from Σ grad·xᵀ and Σ grad. Inverse op (x = Wf⁻¹·(y − c)), grad = dL/dx: by implicit
 // differentiation dL/dy = Wf⁻ᵀ·grad, and the parameter gradients are minus the forward op's at
 // (x, dL/dy). One sweep of the pixels either way, then C x C algebra in the accumulation dtype
-// (float32 for float32 input: the error stays at the plain-PyTorch level, see README).
+// (float32 for float32 input: the error stays at the plain-PyTorch level, see README). `saved` is
+// the map the training op's forward returned (Wf, or Wf⁻¹ for the inverse), or undefined.
 Grads folded_backward(const Backend& backend, const at::Tensor& grad, const at::Tensor& x,
-                      const LUParams& p, const at::Tensor& gld, bool inverse_op) {
+                      const LUParams& p, const at::Tensor& gld, bool inverse_op,
+                      const at::Tensor& saved) {
   const auto acc = accumulation_dtype(x);
   std::optional<AccParams> a;
   std::optional<BackwardFactors> factors;
   at::Tensor mix_weight;
-  if (inverse_op) {
-    // Wf⁻¹ from triangular solves in float64, as in the inverse op itself.
-    mix_weight = cast(fold_inverse_generic(AccParams(p, algebra_dtype(x)), p.perm), acc).weight.t();
+  ChannelMap map;
+  if (saved.defined()) {
+    mix_weight = saved.t();
+  } else if (inverse_op) {
+    mix_weight = inverse_map(backend, p, x).weight.t();
+  } else if (backend.fold_forward_small(p, acc, map)) {
+    mix_weight = map.weight.t();
   } else {
-    ChannelMap map;
-    if (backend.fold_forward_small(p, acc, map)) {
-      mix_weight = map.weight.t();
-    } else {
-      factors.emplace(a.emplace(p, acc), p);
-      mix_weight = factors->folded.t();
-    }
+    factors.emplace(a.emplace(p, acc), p, at::Tensor());
+    mix_weight = factors->folded.t();
   }
   at::Tensor grad_in, grad_folded, grad_offset;
   mix_outer(backend, grad, mix_weight.contiguous(), x, inverse_op, grad_in, grad_folded, grad_offset);
   ParamGrads g;
   if (!(backend.chain_small && backend.chain_small(p, grad_folded, grad_offset, gld, g))) {
     if (!a) a.emplace(p, acc);
-    if (!factors) factors.emplace(*a, p);
+    if (!factors) factors.emplace(*a, p, inverse_op ? at::Tensor() : saved);
     g = chain_folded(*a, p, *factors, grad_folded, grad_offset, gld);
   }
   if (inverse_op) return {grad_in, -g.bias, -g.logs, -g.lower, -g.upper, -g.log_s};
@@ -323,32 +351,46 @@ void check_inputs(const char* op, const char* input_name, const at::Tensor& x, c
   check_finite_log_s(op, p.log_s);
 }
 
-std::tuple<at::Tensor, at::Tensor> forward(const Backend& backend, const at::Tensor& x_in,
-                                           const LUParams& p) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_train(const Backend& backend,
+                                                             const at::Tensor& x_in,
+                                                             const LUParams& p) {
+  // Messages name the public op: this is the same computation, with its map kept for the backward.
   check_inputs("glow_ext::actnorm_invconv_lu", "x", x_in, p);
   const auto x = x_in.contiguous();
   const int64_t C = x.size(1), HW = x.size(2) * x.size(3), M = x.size(0) * HW;
   auto logdet = logdet_of(p, HW);
-  if (x.numel() == 0) return {at::empty_like(x), logdet};
-
   const auto acc = accumulation_dtype(x);
+  const auto no_map = at::empty({0, C}, x.options().dtype(acc));
+  if (x.numel() == 0) return {at::empty_like(x), logdet, no_map};
+
   if (use_factored_path(C, M)) {
     const AccParams a(p, acc);
     const auto x_hat =
         (to_channel_matrix(x, acc) + a.bias.unsqueeze(1)) * a.logs.exp().unsqueeze(1);
     const auto u = trmm(a.upper_factor(), x_hat, /*upper=*/true);
     const auto v = trmm(a.unit_lower(), u, /*upper=*/false);
-    return {from_channel_matrix(v.index_select(0, p.perm), x.sizes(), x.scalar_type()), logdet};
+    return {from_channel_matrix(v.index_select(0, p.perm), x.sizes(), x.scalar_type()), logdet,
+            no_map};
   }
-  return {backend.channel_mix(x, forward_map(backend, p, x)), logdet};
+  auto map = forward_map(backend, p, x);
+  map.weight = map.weight.contiguous();  // the op returns it: one layout whatever the fold
+  return {backend.channel_mix(x, map), logdet, map.weight};
 }
 
-at::Tensor inverse(const Backend& backend, const at::Tensor& y_in, const LUParams& p) {
+std::tuple<at::Tensor, at::Tensor> forward(const Backend& backend, const at::Tensor& x,
+                                           const LUParams& p) {
+  auto [y, logdet, unused] = forward_train(backend, x, p);
+  return {y, logdet};
+}
+
+std::tuple<at::Tensor, at::Tensor> inverse_train(const Backend& backend, const at::Tensor& y_in,
+                                                 const LUParams& p) {
   check_inputs("glow_ext::actnorm_invconv_lu_inverse", "y", y_in, p);
   const auto y = y_in.contiguous();
-  if (y.numel() == 0) return at::empty_like(y);
   const int64_t C = y.size(1), M = y.size(0) * y.size(2) * y.size(3);
   const auto acc = accumulation_dtype(y);
+  const auto no_map = at::empty({0, C}, y.options().dtype(acc));
+  if (y.numel() == 0) return {at::empty_like(y), no_map};
   if (use_factored_path(C, M)) {
     const AccParams a(p, acc);
     auto v = to_channel_matrix(y, acc).index_select(0, inverse_permutation(p.perm));
@@ -356,9 +398,15 @@ at::Tensor inverse(const Backend& backend, const at::Tensor& y_in, const LUParam
                                     /*unitriangular=*/true);
     v = at::linalg_solve_triangular(a.upper_factor(), v, /*upper=*/true);
     const auto x = v * (-a.logs).exp().unsqueeze(1) - a.bias.unsqueeze(1);
-    return from_channel_matrix(x, y.sizes(), y.scalar_type());
+    return {from_channel_matrix(x, y.sizes(), y.scalar_type()), no_map};
   }
-  return backend.channel_mix(y, cast(fold_inverse_generic(AccParams(p, algebra_dtype(y)), p.perm), acc));
+  auto map = inverse_map(backend, p, y);
+  map.weight = map.weight.contiguous();  // the solves leave it column-major; the op returns it
+  return {backend.channel_mix(y, map), map.weight};
+}
+
+at::Tensor inverse(const Backend& backend, const at::Tensor& y, const LUParams& p) {
+  return std::get<0>(inverse_train(backend, y, p));
 }
 
 at::Tensor channel_map(const Backend& backend, const at::Tensor& x_in, const at::Tensor& weight,
@@ -389,7 +437,7 @@ at::Tensor channel_map(const Backend& backend, const at::Tensor& x_in, const at:
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     const Backend& backend, const at::Tensor& grad_y_in, const at::Tensor& grad_logdet,
-    const at::Tensor& x_in, const LUParams& p) {
+    const at::Tensor& x_in, const LUParams& p, const std::optional<at::Tensor>& folded) {
   const char* op = "glow_ext::actnorm_invconv_lu_backward";
   check_inputs(op, "x", x_in, p);
   TORCH_CHECK(grad_y_in.sizes() == x_in.sizes(), op, ": `grad_y` must have the shape of `x` ",
@@ -404,9 +452,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3), M = N * HW;
   const auto acc = accumulation_dtype(x);
   const auto gld = grad_logdet.reshape({}).to(acc) * static_cast<double>(HW);
+  const auto saved = saved_map(op, "folded", folded, x);
 
   if (x.numel() != 0 && !use_factored_path(C, M)) {
-    return folded_backward(backend, grad_y, x, p, gld, /*inverse_op=*/false);
+    return folded_backward(backend, grad_y, x, p, gld, /*inverse_op=*/false, saved);
   }
   const auto param_type = p.bias.scalar_type();
   const AccParams a(p, acc);
@@ -438,7 +487,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> inverse_backward(
-    const Backend& backend, const at::Tensor& grad_x_in, const at::Tensor& x_in, const LUParams& p) {
+    const Backend& backend, const at::Tensor& grad_x_in, const at::Tensor& x_in, const LUParams& p,
+    const std::optional<at::Tensor>& folded_inverse) {
   const char* op = "glow_ext::actnorm_invconv_lu_inverse_backward";
   check_inputs(op, "x", x_in, p);
   TORCH_CHECK(grad_x_in.sizes() == x_in.sizes(), op, ": `grad_x` must have the shape of `x` ",
@@ -449,9 +499,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const auto grad_x = grad_x_in.contiguous();
   const int64_t C = x.size(1), M = x.size(0) * x.size(2) * x.size(3);
   const auto acc = accumulation_dtype(x);
+  const auto saved = saved_map(op, "folded_inverse", folded_inverse, x);
   if (x.numel() != 0 && !use_factored_path(C, M)) {
     return folded_backward(backend, grad_x, x, p, at::zeros({}, x.options().dtype(acc)),
-                           /*inverse_op=*/true);
+                           /*inverse_op=*/true, saved);
   }
   // Deep levels: dL/dy = Wf⁻ᵀ·dL/dx = P·L⁻ᵀ·U'⁻ᵀ·diag(exp(−logs))·dL/dx from two triangular solves
   // on the pixels, then minus the forward op's parameter gradients at (x, dL/dy).
@@ -465,7 +516,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     grad_y = from_channel_matrix(g.index_select(0, p.perm), x.sizes(), x.scalar_type());
   }
   const auto [unused, g_bias, g_logs, g_lower, g_upper, g_log_s] =
-      backward(backend, grad_y, at::zeros({}, p.bias.options()), x, p);
+      backward(backend, grad_y, at::zeros({}, p.bias.options()), x, p, std::nullopt);
   return {grad_y, -g_bias, -g_logs, -g_lower, -g_upper, -g_log_s};
 }
 

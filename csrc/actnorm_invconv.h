@@ -7,6 +7,7 @@
 
 #include <ATen/ATen.h>
 
+#include <optional>
 #include <tuple>
 
 namespace glow_ext {
@@ -49,6 +50,8 @@ struct Backend {
   bool (*mix_outer)(const at::Tensor& src, const at::Tensor& weight, const at::Tensor& x,
                     bool outer_of_out, at::Tensor& out, at::Tensor& grad_folded,
                     at::Tensor& grad_offset) = nullptr;
+  // Optional: the inverse map (Wf⁻¹ and −bias) for small C, as fold_forward_small.
+  bool (*fold_inverse_small)(const LUParams& p, at::ScalarType acc_dtype, ChannelMap& out) = nullptr;
 };
 
 // Validates every argument; `op` and `input_name` name the op and its image argument in messages.
@@ -59,17 +62,29 @@ at::ScalarType accumulation_dtype(const at::Tensor& x);
 std::tuple<at::Tensor, at::Tensor> forward(const Backend& backend, const at::Tensor& x,
                                            const LUParams& p);
 
+// The forward for training: also returns the folded map Wf (C, C) in the accumulation dtype, for
+// the backward to reuse instead of re-assembling it; (0, C) on the factored path, which has none.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_train(const Backend& backend,
+                                                             const at::Tensor& x, const LUParams& p);
+
 at::Tensor inverse(const Backend& backend, const at::Tensor& y, const LUParams& p);
 
-// Returns (grad_x, grad_bias, grad_logs, grad_lower, grad_upper, grad_log_s).
+// The inverse for training: also returns Wf⁻¹ (C, C) (or the (0, C) placeholder), as above.
+std::tuple<at::Tensor, at::Tensor> inverse_train(const Backend& backend, const at::Tensor& y,
+                                                 const LUParams& p);
+
+// Returns (grad_x, grad_bias, grad_logs, grad_lower, grad_upper, grad_log_s). `folded`, if given,
+// is forward_train's map for these parameters.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     const Backend& backend, const at::Tensor& grad_y, const at::Tensor& grad_logdet,
-    const at::Tensor& x, const LUParams& p);
+    const at::Tensor& x, const LUParams& p, const std::optional<at::Tensor>& folded);
 
 // Gradients through the inverse op x = inverse(y): from dL/dx and the inverse's output x, returns
-// (grad_y, grad_bias, grad_logs, grad_lower, grad_upper, grad_log_s).
+// (grad_y, grad_bias, grad_logs, grad_lower, grad_upper, grad_log_s). `folded_inverse`, if given,
+// is inverse_train's map for these parameters.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> inverse_backward(
-    const Backend& backend, const at::Tensor& grad_x, const at::Tensor& x, const LUParams& p);
+    const Backend& backend, const at::Tensor& grad_x, const at::Tensor& x, const LUParams& p,
+    const std::optional<at::Tensor>& folded_inverse);
 
 // y[n, :, p] = weight·x[n, :, p] + offset for a map the caller precomputed (e.g. a cached inverse);
 // weight (C, C) and offset (C,) in x's accumulation dtype.
@@ -85,6 +100,18 @@ struct BoundOps {
       const at::Tensor& sign_s) {
     return forward(kBackend, x, {bias, logs, perm, lower, upper, log_s, sign_s});
   }
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_train_op(
+      const at::Tensor& x, const at::Tensor& bias, const at::Tensor& logs, const at::Tensor& perm,
+      const at::Tensor& lower, const at::Tensor& upper, const at::Tensor& log_s,
+      const at::Tensor& sign_s) {
+    return forward_train(kBackend, x, {bias, logs, perm, lower, upper, log_s, sign_s});
+  }
+  static std::tuple<at::Tensor, at::Tensor> inverse_train_op(
+      const at::Tensor& y, const at::Tensor& bias, const at::Tensor& logs, const at::Tensor& perm,
+      const at::Tensor& lower, const at::Tensor& upper, const at::Tensor& log_s,
+      const at::Tensor& sign_s) {
+    return inverse_train(kBackend, y, {bias, logs, perm, lower, upper, log_s, sign_s});
+  }
   static at::Tensor inverse_op(const at::Tensor& y, const at::Tensor& bias, const at::Tensor& logs,
                                const at::Tensor& perm, const at::Tensor& lower,
                                const at::Tensor& upper, const at::Tensor& log_s,
@@ -95,15 +122,17 @@ struct BoundOps {
   backward_op(const at::Tensor& grad_y, const at::Tensor& grad_logdet, const at::Tensor& x,
               const at::Tensor& bias, const at::Tensor& logs, const at::Tensor& perm,
               const at::Tensor& lower, const at::Tensor& upper, const at::Tensor& log_s,
-              const at::Tensor& sign_s) {
+              const at::Tensor& sign_s, const std::optional<at::Tensor>& folded) {
     return backward(kBackend, grad_y, grad_logdet, x,
-                    {bias, logs, perm, lower, upper, log_s, sign_s});
+                    {bias, logs, perm, lower, upper, log_s, sign_s}, folded);
   }
   static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
   inverse_backward_op(const at::Tensor& grad_x, const at::Tensor& x, const at::Tensor& bias,
                       const at::Tensor& logs, const at::Tensor& perm, const at::Tensor& lower,
-                      const at::Tensor& upper, const at::Tensor& log_s, const at::Tensor& sign_s) {
-    return inverse_backward(kBackend, grad_x, x, {bias, logs, perm, lower, upper, log_s, sign_s});
+                      const at::Tensor& upper, const at::Tensor& log_s, const at::Tensor& sign_s,
+                      const std::optional<at::Tensor>& folded_inverse) {
+    return inverse_backward(kBackend, grad_x, x, {bias, logs, perm, lower, upper, log_s, sign_s},
+                            folded_inverse);
   }
   static at::Tensor channel_map_op(const at::Tensor& x, const at::Tensor& weight,
                                    const at::Tensor& offset) {
@@ -113,6 +142,10 @@ struct BoundOps {
 
 // Instruction set the CPU channel-mix loop was dispatched to on this machine.
 const char* cpu_kernel_isa();
+
+// Below this size a dense mm on a masked triangular block is cheaper than recursing (trmm); also
+// the C above which the factored path is taken.
+constexpr int64_t kTrmmBlock = 192;
 
 // True when the per-call O(C^3) weight assembly would cost more than applying the triangular
 // factors to the N·H·W pixels directly (deep Glow levels: large C, few pixels).

@@ -15,17 +15,28 @@ TORCH_LIBRARY(glow_ext, m) {
   m.def(
       "actnorm_invconv_lu(Tensor x, Tensor bias, Tensor logs, Tensor perm, Tensor lower, "
       "Tensor upper, Tensor log_s, Tensor sign_s) -> (Tensor y, Tensor logdet)");
+  // The training forms of the two ops (glow_ext.ops calls them): also return the folded map their
+  // backward reuses, Wf (resp. Wf⁻¹) as (C, C) in the accumulation dtype, or (0, C) where the op
+  // takes the factored path and has none.
+  m.def(
+      "_actnorm_invconv_lu_train(Tensor x, Tensor bias, Tensor logs, Tensor perm, Tensor lower, "
+      "Tensor upper, Tensor log_s, Tensor sign_s) -> (Tensor y, Tensor logdet, Tensor folded)");
+  m.def(
+      "_actnorm_invconv_lu_inverse_train(Tensor y, Tensor bias, Tensor logs, Tensor perm, "
+      "Tensor lower, Tensor upper, Tensor log_s, Tensor sign_s) -> (Tensor x, Tensor folded_inverse)");
   m.def(
       "actnorm_invconv_lu_inverse(Tensor y, Tensor bias, Tensor logs, Tensor perm, Tensor lower, "
       "Tensor upper, Tensor log_s, Tensor sign_s) -> Tensor");
   m.def(
       "actnorm_invconv_lu_backward(Tensor grad_y, Tensor grad_logdet, Tensor x, Tensor bias, "
-      "Tensor logs, Tensor perm, Tensor lower, Tensor upper, Tensor log_s, Tensor sign_s) -> "
+      "Tensor logs, Tensor perm, Tensor lower, Tensor upper, Tensor log_s, Tensor sign_s, "
+      "Tensor? folded=None) -> "
       "(Tensor grad_x, Tensor grad_bias, Tensor grad_logs, Tensor grad_lower, Tensor grad_upper, "
       "Tensor grad_log_s)");
   m.def(
       "actnorm_invconv_lu_inverse_backward(Tensor grad_x, Tensor x, Tensor bias, Tensor logs, "
-      "Tensor perm, Tensor lower, Tensor upper, Tensor log_s, Tensor sign_s) -> (Tensor grad_y, "
+      "Tensor perm, Tensor lower, Tensor upper, Tensor log_s, Tensor sign_s, "
+      "Tensor? folded_inverse=None) -> (Tensor grad_y, "
       "Tensor grad_bias, Tensor grad_logs, Tensor grad_lower, Tensor grad_upper, Tensor grad_log_s)");
   m.def("channel_map(Tensor x, Tensor weight, Tensor offset) -> Tensor");
   // Affine coupling: h = (shift, scale logit) along channels, y_b = (x_b + shift)·sigmoid(logit + 2),
@@ -43,6 +54,8 @@ TORCH_LIBRARY(glow_ext, m) {
 // TORCH_EXTENSION_NAME: _C when built by setup.py, another name for the just-in-time build.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "glow_ext compiled kernels; the ops themselves live in torch.ops.glow_ext";
+  // use_factored_path(C, pixels) is C > this and pixels < C; the fake kernels mirror it.
+  m.attr("factored_path_channels") = glow_ext::kTrmmBlock;
   m.def("build_info", [] {
     pybind11::dict info;
     info["cpu_kernels"] = true;

@@ -42,14 +42,18 @@ def actnorm_invconv_lu(x, bias, logs, perm, lower, upper, log_s, sign_s):
     """(y, logdet): y = W·((x + bias)·exp(logs)) per pixel, logdet = H·W·(Σ logs + Σ log_s), 0-dim."""
     if _C is None:
         return reference.actnorm_invconv_lu(x, bias, logs, perm, lower, upper, log_s, sign_s)
-    return torch.ops.glow_ext.actnorm_invconv_lu(x, bias, logs, perm, lower, upper, log_s, sign_s)
+    # The training form: the same op that also hands its folded map to its backward.
+    y, logdet, _ = torch.ops.glow_ext._actnorm_invconv_lu_train(x, bias, logs, perm, lower, upper,
+                                                                log_s, sign_s)
+    return y, logdet
 
 
 def actnorm_invconv_lu_inverse(y, bias, logs, perm, lower, upper, log_s, sign_s):
     """x = (W⁻¹·y)·exp(−logs) − bias, through triangular solves (never a general inverse)."""
     if _C is None:
         return reference.actnorm_invconv_lu_inverse(y, bias, logs, perm, lower, upper, log_s, sign_s)
-    return torch.ops.glow_ext.actnorm_invconv_lu_inverse(y, bias, logs, perm, lower, upper, log_s, sign_s)
+    return torch.ops.glow_ext._actnorm_invconv_lu_inverse_train(y, bias, logs, perm, lower, upper,
+                                                                log_s, sign_s)[0]
 
 
 def channel_map(x, weight, offset):
@@ -85,8 +89,24 @@ if _C is not None:
         _check_fake_args("glow_ext::actnorm_invconv_lu_inverse", "y", y, params)
         return torch.empty_like(y, memory_format=torch.contiguous_format)
 
+    def _saved_map_fake(x):
+        """The training ops' map: (C, C) in the accumulation dtype, (0, C) on the factored path."""
+        c, pixels = x.shape[1], x.shape[0] * x.shape[2] * x.shape[3]
+        factored = c > _C.factored_path_channels and pixels < c  # use_factored_path in C++
+        rows = 0 if x.numel() == 0 or factored else c
+        return x.new_empty((rows, c), dtype=reference.accumulation_dtype(x))
+
+    @torch.library.register_fake("glow_ext::_actnorm_invconv_lu_train")
+    def _forward_train_fake(x, *params):
+        return _forward_fake(x, *params) + (_saved_map_fake(x),)
+
+    @torch.library.register_fake("glow_ext::_actnorm_invconv_lu_inverse_train")
+    def _inverse_train_fake(y, *params):
+        return _inverse_fake(y, *params), _saved_map_fake(y)
+
     @torch.library.register_fake("glow_ext::actnorm_invconv_lu_backward")
-    def _backward_fake(grad_y, grad_logdet, x, bias, logs, perm, lower, upper, log_s, sign_s):
+    def _backward_fake(grad_y, grad_logdet, x, bias, logs, perm, lower, upper, log_s, sign_s,
+                       folded=None):
         _check_fake_args("glow_ext::actnorm_invconv_lu_backward", "x", x,
                          (bias, logs, perm, lower, upper, log_s, sign_s))
         return (
@@ -99,7 +119,8 @@ if _C is not None:
         )
 
     @torch.library.register_fake("glow_ext::actnorm_invconv_lu_inverse_backward")
-    def _inverse_backward_fake(grad_x, x, bias, logs, perm, lower, upper, log_s, sign_s):
+    def _inverse_backward_fake(grad_x, x, bias, logs, perm, lower, upper, log_s, sign_s,
+                               folded_inverse=None):
         _check_fake_args("glow_ext::actnorm_invconv_lu_inverse_backward", "x", x,
                          (bias, logs, perm, lower, upper, log_s, sign_s))
         return _backward_fake(grad_x, None, x, bias, logs, perm, lower, upper, log_s, sign_s)
@@ -131,36 +152,47 @@ if _C is not None:
     torch.library.register_autograd(
         "glow_ext::channel_map", _channel_map_backward, setup_context=_channel_map_setup_context)
 
+    # Autograd of the public ops recomputes the folded map in the backward; that of the training
+    # forms (what glow_ext.ops calls) saves the map their forward returned.
     def _forward_setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)
+        folded = output[2] if len(output) == 3 else None
+        if folded is not None:
+            ctx.mark_non_differentiable(folded)
+        ctx.save_for_backward(*inputs, folded)
 
-    def _forward_backward(ctx, grad_y, grad_logdet):
-        x, bias, logs, perm, lower, upper, log_s, sign_s = ctx.saved_tensors
+    def _forward_backward(ctx, grad_y, grad_logdet, grad_folded=None):
+        x, bias, logs, perm, lower, upper, log_s, sign_s, folded = ctx.saved_tensors
         if grad_y is None:
             grad_y = torch.zeros_like(x)
         if grad_logdet is None:
             grad_logdet = torch.zeros((), dtype=bias.dtype, device=bias.device)
         grad_x, grad_bias, grad_logs, grad_lower, grad_upper, grad_log_s = (
             torch.ops.glow_ext.actnorm_invconv_lu_backward(
-                grad_y, grad_logdet, x, bias, logs, perm, lower, upper, log_s, sign_s))
+                grad_y, grad_logdet, x, bias, logs, perm, lower, upper, log_s, sign_s, folded))
         return grad_x, grad_bias, grad_logs, None, grad_lower, grad_upper, grad_log_s, None
 
-    torch.library.register_autograd(
-        "glow_ext::actnorm_invconv_lu", _forward_backward, setup_context=_forward_setup_context)
-
     def _inverse_setup_context(ctx, inputs, output):
-        ctx.save_for_backward(output, *inputs[1:])
+        if isinstance(output, tuple):
+            x, folded_inverse = output
+            ctx.mark_non_differentiable(folded_inverse)
+        else:
+            x, folded_inverse = output, None
+        ctx.save_for_backward(x, *inputs[1:], folded_inverse)
 
-    def _inverse_backward(ctx, grad_x):
+    def _inverse_backward(ctx, grad_x, grad_folded_inverse=None):
         # x = f⁻¹(y; θ): implicit differentiation in the backward op (dL/dy = J⁻ᵀ·dL/dx with
         # J = W·diag(exp(logs)), dL/dθ = −(∂f/∂θ)ᵀ·dL/dy at (x, θ)).
-        x, *params = ctx.saved_tensors
+        x, *params, folded_inverse = ctx.saved_tensors
         grad_y, grad_bias, grad_logs, grad_lower, grad_upper, grad_log_s = (
-            torch.ops.glow_ext.actnorm_invconv_lu_inverse_backward(grad_x, x, *params))
+            torch.ops.glow_ext.actnorm_invconv_lu_inverse_backward(grad_x, x, *params, folded_inverse))
         return grad_y, grad_bias, grad_logs, None, grad_lower, grad_upper, grad_log_s, None
 
-    torch.library.register_autograd(
-        "glow_ext::actnorm_invconv_lu_inverse", _inverse_backward, setup_context=_inverse_setup_context)
+    for _name, _backward, _setup in (
+            ("actnorm_invconv_lu", _forward_backward, _forward_setup_context),
+            ("_actnorm_invconv_lu_train", _forward_backward, _forward_setup_context),
+            ("actnorm_invconv_lu_inverse", _inverse_backward, _inverse_setup_context),
+            ("_actnorm_invconv_lu_inverse_train", _inverse_backward, _inverse_setup_context)):
+        torch.library.register_autograd(f"glow_ext::{_name}", _backward, setup_context=_setup)
 
     def _no_double_backward(ctx, *grads):
         raise RuntimeError(

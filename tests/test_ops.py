@@ -520,7 +520,8 @@ OPCHECK_SHAPES = [
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape", OPCHECK_SHAPES)
-@pytest.mark.parametrize("op_name", ["actnorm_invconv_lu", "actnorm_invconv_lu_inverse"])
+@pytest.mark.parametrize("op_name", ["actnorm_invconv_lu", "actnorm_invconv_lu_inverse",
+                                     "_actnorm_invconv_lu_train", "_actnorm_invconv_lu_inverse_train"])
 def test_opcheck_forward_and_inverse(op_name, shape, device):
     inputs, params = _setup(shape, torch.float32, device)
     inputs, params = _with_grad(inputs, params)
@@ -538,6 +539,48 @@ def test_opcheck_backward(shape, device):
                           (grad_y, grad_logdet, x, *params))
     torch.library.opcheck(torch.ops.glow_ext.actnorm_invconv_lu_inverse_backward.default,
                           (grad_y, x, *params))
+    # With the maps the training forms saved (the (0, C) placeholder on the factored path).
+    folded = torch.ops.glow_ext._actnorm_invconv_lu_train(x, *params)[2]
+    folded_inverse = torch.ops.glow_ext._actnorm_invconv_lu_inverse_train(x, *params)[1]
+    torch.library.opcheck(torch.ops.glow_ext.actnorm_invconv_lu_backward.default,
+                          (grad_y, grad_logdet, x, *params, folded))
+    torch.library.opcheck(torch.ops.glow_ext.actnorm_invconv_lu_inverse_backward.default,
+                          (grad_y, x, *params, folded_inverse))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(3, 12, 7, 7), (2, 40, 2, 3), (3, 96, 3, 7), (1, 257, 1, 2)],
+                         ids=["C12", "C40", "C96", "C257-factored"])
+def test_training_forms_match_the_public_ops(shape, dtype, device):
+    """The training forms give the public ops' outputs plus the folded map (Wf, resp. Wf⁻¹, against
+    float64 dense formulas), and the backward ops give the same gradients with the saved map as
+    without it."""
+    x, params = _setup(shape, dtype, device, seed=5)
+    g = torch.randn_like(x)
+    y, logdet, folded = torch.ops.glow_ext._actnorm_invconv_lu_train(x, *params)
+    x_back, folded_inverse = torch.ops.glow_ext._actnorm_invconv_lu_inverse_train(y, *params)
+    y_public, logdet_public = torch.ops.glow_ext.actnorm_invconv_lu(x, *params)
+    torch.testing.assert_close(y, y_public, rtol=0, atol=0)
+    torch.testing.assert_close(logdet, logdet_public, rtol=0, atol=0)
+    torch.testing.assert_close(x_back, torch.ops.glow_ext.actnorm_invconv_lu_inverse(y, *params), rtol=0, atol=0)
+    C = shape[1]
+    if C > 192:
+        assert folded.shape == folded_inverse.shape == (0, C)
+    else:
+        p64 = cast_params(params, torch.float64)
+        wf = reference.lu_weight(*p64[2:]) * p64[1].exp()
+        assert folded.dtype == folded_inverse.dtype == reference.accumulation_dtype(x)
+        assert_rel_close(folded, wf, grad_tol(dtype), "folded")
+        assert_rel_close(folded_inverse, torch.linalg.inv(wf), grad_tol(dtype), "folded_inverse")
+    gld = torch.tensor(0.3, dtype=dtype, device=device)
+    backward = torch.ops.glow_ext.actnorm_invconv_lu_backward
+    inverse_backward = torch.ops.glow_ext.actnorm_invconv_lu_inverse_backward
+    for with_map, without in ((backward(g, gld, x, *params, folded), backward(g, gld, x, *params)),
+                              (inverse_backward(g, x_back, *params, folded_inverse),
+                               inverse_backward(g, x_back, *params))):
+        for got, expected, name in zip(with_map, without, ("x",) + PARAM_NAMES[:2] + PARAM_NAMES[3:6]):
+            assert_rel_close(got, expected, grad_tol(dtype), name)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -823,6 +866,10 @@ def test_backward_op_bad_inputs():
         backward(x, torch.ones(2), x, *params)
     with pytest.raises(RuntimeError, match=r"actnorm_invconv_lu_backward: `perm` must be a permutation"):
         backward(x, gld, x, *_replace(params, perm=torch.tensor([1, 1, 0])))
+    with pytest.raises(RuntimeError, match=r"`folded` must be the \(C, C\) map or \(0, C\) placeholder"):
+        backward(x, gld, x, *params, torch.randn(3, 4))
+    with pytest.raises(RuntimeError, match=r"`folded` must be Float on the device of `x`"):
+        backward(x, gld, x, *params, torch.randn(3, 3, dtype=torch.float64))
 
 
 def test_inverse_backward_op_bad_inputs():
@@ -836,6 +883,8 @@ def test_inverse_backward_op_bad_inputs():
         backward(x, x, *_replace(params, perm=torch.tensor([1, 1, 0])))
     with pytest.raises(RuntimeError, match=r"actnorm_invconv_lu_inverse_backward: `lower` must have shape"):
         backward(x, x, *_replace(params, lower=torch.randn(3, 4)))
+    with pytest.raises(RuntimeError, match=r"`folded_inverse` must be the \(C, C\) map"):
+        backward(x, x, *params, torch.randn(2, 3))
 
 
 def test_arguments_on_different_devices():

@@ -26,9 +26,9 @@ constexpr int64_t kSmallFoldMaxChannels = 32;   // the per-entry fold loop is O(
 // 4x64x16x16: the loops took 1.3-1.5x as long).
 constexpr int64_t kSmallChainMaxChannels = 48;
 // Past this C the one-sweep backward's register-blocked weight gradient loses to the channel mix
-// plus MKL's batched GEMM (one thread, backward op: 4x48x16x16 340 us against 540 us; 4x96x16x16
-// 1250 us against 750 us).
-constexpr int64_t kMixOuterMaxChannels = 48;
+// plus MKL's batched GEMM (one thread, backward op, 2026-12-01: at C = 48 the sweep took 1.2-1.9x
+// as long, 64x48x4x4 and 4x48x32x32; at C = 12 and 24 it is 0.9-1.0x, 32x24x16x16, 4x24x64x64).
+constexpr int64_t kMixOuterMaxChannels = 32;
 constexpr int kRows = 8;              // output channels computed per pass over an input tile
 constexpr int64_t kTileBytes = 128;   // pixels per task and image row: two AVX-512 registers
 constexpr int64_t kMinFlopsPerTask = 1 << 16;
@@ -356,6 +356,54 @@ bool fold_forward_small_cpu(const LUParams& p, at::ScalarType acc_dtype, Channel
   return true;
 }
 
+// Wf⁻¹ = diag(exp(−logs))·U'⁻¹·L⁻¹·Pᵀ and the offset −bias from explicit triangular inverses in
+// float64 loops (the generic version's float64 solves, ~20 ATen launches, cost several times more
+// at small C: inverse forward + backward at 1x8x4x4 ... 1x32x4x4).
+bool fold_inverse_small_cpu(const LUParams& p, at::ScalarType acc_dtype, ChannelMap& out) {
+  const int64_t C = p.bias.size(0);
+  if (C > kSmallFoldMaxChannels || p.bias.scalar_type() != acc_dtype) return false;
+  const auto bias = p.bias.contiguous(), logs = p.logs.contiguous(), perm = p.perm.contiguous();
+  const auto lower = p.lower.contiguous(), upper = p.upper.contiguous();
+  const auto log_s = p.log_s.contiguous(), sign_s = p.sign_s.contiguous();
+  out.weight = at::empty({C, C}, bias.options());
+  out.offset = -bias;
+  AT_DISPATCH_FLOATING_TYPES(acc_dtype, "glow_ext_fold_inverse_cpu", [&] {
+    const scalar_t* lo = lower.const_data_ptr<scalar_t>();
+    const scalar_t* up = upper.const_data_ptr<scalar_t>();
+    const int64_t* pm = perm.const_data_ptr<int64_t>();
+    std::vector<double> l_inv(C * C, 0.0), u_inv(C * C, 0.0), diag(C);
+    for (int64_t i = 0; i < C; ++i) {
+      diag[i] = static_cast<double>(sign_s.const_data_ptr<scalar_t>()[i]) *
+                std::exp(static_cast<double>(log_s.const_data_ptr<scalar_t>()[i]));
+    }
+    for (int64_t k = 0; k < C; ++k) {  // column k of L⁻¹ (unit lower) by forward substitution
+      l_inv[k * C + k] = 1;
+      for (int64_t i = k + 1; i < C; ++i) {
+        double acc = 0;
+        for (int64_t m = k; m < i; ++m) acc -= static_cast<double>(lo[i * C + m]) * l_inv[m * C + k];
+        l_inv[i * C + k] = acc;
+      }
+    }
+    for (int64_t j = 0; j < C; ++j) {  // column j of U'⁻¹ by back substitution
+      for (int64_t i = j; i >= 0; --i) {
+        double acc = i == j ? 1.0 : 0.0;
+        for (int64_t m = i + 1; m <= j; ++m) acc -= static_cast<double>(up[i * C + m]) * u_inv[m * C + j];
+        u_inv[i * C + j] = acc / diag[i];
+      }
+    }
+    scalar_t* w = out.weight.mutable_data_ptr<scalar_t>();
+    for (int64_t i = 0; i < C; ++i) {
+      const double row_scale = std::exp(-static_cast<double>(logs.const_data_ptr<scalar_t>()[i]));
+      for (int64_t j = 0; j < C; ++j) {  // (U'⁻¹·L⁻¹)[i][perm[j]]: k from max(i, perm[j])
+        double acc = 0;
+        for (int64_t k = std::max(i, pm[j]); k < C; ++k) acc += u_inv[i * C + k] * l_inv[k * C + pm[j]];
+        w[i * C + j] = static_cast<scalar_t>(row_scale * acc);
+      }
+    }
+  });
+  return true;
+}
+
 // The chain rule of chain_generic (actnorm_invconv.cpp) as plain loops: at small C its ~25 ATen
 // launches cost far more than the arithmetic.
 bool chain_small_cpu(const LUParams& p, const at::Tensor& grad_folded, const at::Tensor& grad_offset,
@@ -426,7 +474,7 @@ bool chain_small_cpu(const LUParams& p, const at::Tensor& grad_folded, const at:
 }
 
 const Backend kCpuBackend{channel_mix_cpu, fold_forward_small_cpu, chain_small_cpu,
-                          mix_outer_cpu};
+                          mix_outer_cpu, fold_inverse_small_cpu};
 
 }  // namespace
 
@@ -443,6 +491,8 @@ TORCH_LIBRARY_IMPL(glow_ext, CPU, m) {
   using Ops = BoundOps<kCpuBackend>;
   m.impl("actnorm_invconv_lu", &Ops::forward_op);
   m.impl("actnorm_invconv_lu_inverse", &Ops::inverse_op);
+  m.impl("_actnorm_invconv_lu_train", &Ops::forward_train_op);
+  m.impl("_actnorm_invconv_lu_inverse_train", &Ops::inverse_train_op);
   m.impl("actnorm_invconv_lu_backward", &Ops::backward_op);
   m.impl("actnorm_invconv_lu_inverse_backward", &Ops::inverse_backward_op);
   m.impl("channel_map", &Ops::channel_map_op);

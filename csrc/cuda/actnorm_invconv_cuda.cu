@@ -169,6 +169,8 @@ TORCH_LIBRARY_IMPL(glow_ext, CUDA, m) {
   using Ops = BoundOps<kCudaBackend>;
   m.impl("actnorm_invconv_lu", &Ops::forward_op);
   m.impl("actnorm_invconv_lu_inverse", &Ops::inverse_op);
+  m.impl("_actnorm_invconv_lu_train", &Ops::forward_train_op);
+  m.impl("_actnorm_invconv_lu_inverse_train", &Ops::inverse_train_op);
   m.impl("actnorm_invconv_lu_backward", &Ops::backward_op);
   m.impl("actnorm_invconv_lu_inverse_backward", &Ops::inverse_backward_op);
   m.impl("channel_map", &Ops::channel_map_op);
