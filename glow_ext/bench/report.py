@@ -469,6 +469,14 @@ def plot_curves(report, path):
     return Path(path)
 
 
+def _minor_ratio_label(value, _):
+    """2x, 5x, 0.2x, 0.5x ... between the decades' labels (all nine crowd a short panel)."""
+    if value <= 0 or value >= 10:
+        return ""
+    leading = round(value / 10 ** math.floor(math.log10(value)))
+    return f"{value:g}x" if leading in (2, 5) else ""
+
+
 def plot_layers(report, path):
     """One panel per mode: baseline time / ours for every level shape of every model, log scale; a
     last panel: ours' % of the roofline per mode (and the backward alone)."""
@@ -493,7 +501,7 @@ def plot_layers(report, path):
         ax.axhline(1.0, color="k", linewidth=0.8)
         ax.set_yscale("log")
         ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
-        ax.yaxis.set_minor_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}x" if v < 10 else ""))
+        ax.yaxis.set_minor_formatter(ticker.FuncFormatter(_minor_ratio_label))
         ax.set_ylabel("baseline time / ours")
         ax.set_title(f"{mode}: speed-up of the fused op (> 1: ours faster)", fontsize=10)
         ax.grid(True, axis="y", which="both", alpha=0.25)
@@ -521,8 +529,8 @@ def plot_layers(report, path):
                  fontsize=10)
     # One legend above the panels, where it cannot cover a bar.
     fig.legend(*axes[0].get_legend_handles_labels(), loc="upper center", ncol=len(BASELINES),
-               fontsize=8, bbox_to_anchor=(0.5, 0.965))
-    fig.tight_layout(rect=(0, 0, 1, 0.945))
+               fontsize=8, bbox_to_anchor=(0.5, 0.958))
+    fig.tight_layout(rect=(0, 0, 1, 0.94))
     fig.savefig(path)
     plt.close(fig)
     return Path(path)
