@@ -268,4 +268,5 @@ def inverse_training_ratios(times, channels):
     per_c = times["inverse"]["fwd+bwd"]
     ratios = {str(c): per_c["naive_op"][str(c)]["median_ms"] / per_c["ours_op"][str(c)]["median_ms"]
               for c in channels}
-    return {"naive_op_over_ours_op": ratios, "channels_below_1x": [int(c) for c, r in ratios.items() if r < 1.0]}
+    return {"naive_op_over_ours_op": ratios,
+            "channels_below_1x": [int(c) for c, r in ratios.items() if r < 1.0]}

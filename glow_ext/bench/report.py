@@ -133,7 +133,8 @@ def curves_markdown(report, prefix):
         below = training["channels_below_1x"]
         lines += ["", (
             "The inverse in training (forward + backward into y and every parameter, 16 pixels): naive "
-            "inverse layer time / the inverse op's at C = " + ", ".join(f"{c}: {_x(r)}" for c, r in ratios.items())
+            "inverse layer time / the inverse op's at C = "
+            + ", ".join(f"{c}: {_x(r)}" for c, r in ratios.items())
             + (f"; below 1.0x at C = {', '.join(map(str, below))}" if below else "; never below 1.0x")
             + " (issue 9's target: >= 1.0x at every C).")]
     return lines
@@ -200,11 +201,11 @@ def speed_tables(head, rows, summaries, cuda):
         cols = head + [c for mode in modes for c in _mode_columns(mode, cuda)]
         lines += [f"*{title}*", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         for lead, results, ratios in rows:
-            lines.append("| " + " | ".join(lead + [c for mode in modes
-                                                   for c in _mode_cells(results, ratios, mode, cuda)]) + " |")
+            cells = lead + [c for mode in modes for c in _mode_cells(results, ratios, mode, cuda)]
+            lines.append("| " + " | ".join(cells) + " |")
         for lead, per_mode in summaries:
-            lines.append("| " + " | ".join(lead + [c for mode in modes
-                                                   for c in _summary_cells(per_mode, mode, cuda)]) + " |")
+            cells = lead + [c for mode in modes for c in _summary_cells(per_mode, mode, cuda)]
+            lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     return lines
 
@@ -373,10 +374,11 @@ def part_digest(part, report):
             for name, m in report["models"].items()]
         summary = report["ratio_summary_all"]
         lines.append("all shapes, geomean (shapes below 1.0x) vs naive / LU layer / folded: " + ", ".join(
-            f"{mode} " + " / ".join(f"{_x(summary[mode][b]['geomean'])} ({summary[mode][b]['shapes_below_1x']})"
-                                    for b in BASELINES) for mode in MODES))
+            f"{mode} " + " / ".join(f"{_x(s['geomean'])} ({s['shapes_below_1x']})"
+                                    for s in (summary[mode][b] for b in BASELINES)) for mode in MODES))
         lines.append("issue 9 targets: " + "; ".join(
-            f"{'PASS' if t['passed'] else 'FAIL'} {t['target']} {t['value']:.2f}" for t in report["targets"]))
+            f"{'PASS' if t['passed'] else 'FAIL'} {t['target']} {t['value']:.2f}"
+            for t in report["targets"]))
         if report.get("cuda"):
             bw = report["cuda"]["bandwidth"]
             lines.append(f"ours forward {bw['ours_forward_gbps']:.0f} GB/s vs copy {bw['copy_gbps']:.0f} GB/s; "
