@@ -14,6 +14,8 @@ Run as `python -m glow_ext bench-ops [options]` (or `glow-ext bench-ops`, or
             W = P @ (lower*lmask + I) @ (upper*umask + diag(sign_s*exp(log_s))), a = exp(logs),
             y = baddbmm((W @ (a*bias)).view(1,C,1), (W*a).expand(N,C,C), x.view(N,C,H*W)), autograd
             for the rest; the inverse takes W^-1 from two triangular solves and folds it likewise
+  folded_perm (c') the same fold with W = (L @ U')[perm]: the rows permuted by indexing, one C x C
+            matmul fewer than (c), so the stronger plain-PyTorch baseline at large C
   clone     (d) x.clone(): the memory floor
 
 Modes: forward (y and logdet, under no_grad), fwd+bwd (loss = (y*g).sum() + logdet, backward

@@ -2,7 +2,7 @@
 
 Everything here reads the JSON reports the suite wrote, so `glow-ext bench --render-only` can redraw
 from committed results: logdet-<device>.png (log-log cost against C with the fitted exponents),
-layers-<device>.png (speed-up bars per level shape), SUMMARY-<device>.md, and the README's section
+layers-<device>.png (speed-up bars per level shape and mode, and a % of roofline panel), SUMMARY-<device>.md, and the README's section
 between `<!-- bench:<device>:begin -->` and `<!-- bench:<device>:end -->`.
 """
 from __future__ import annotations
@@ -14,8 +14,11 @@ from pathlib import Path
 
 PARTS = ("logdet", "layers", "e2e")
 MODES = ("forward", "fwd+bwd", "inverse", "inverse fwd+bwd")
-BASELINES = ("naive", "lu_layer", "folded")
-BASELINE_LABELS = {"naive": "naive (slogdet)", "lu_layer": "LU layer", "folded": "folded PyTorch"}
+BASELINES = ("naive", "lu_layer", "folded", "folded_perm")
+BASELINE_LABELS = {"naive": "naive (slogdet)", "lu_layer": "LU layer", "folded": "folded PyTorch",
+                   "folded_perm": "folded, rows permuted by index"}
+BASELINE_COLUMNS = {"naive": "vs naive", "lu_layer": "vs LU layer", "folded": "vs folded",
+                    "folded_perm": "vs folded (perm)"}
 METHOD_LABELS = {
     "slogdet": "slogdet", "slogdet_f64": "slogdet float64", "det": "det", "lu": "ours: H·W·(Σ logs + Σ log_s)",
     "inverse": "torch.inverse", "linalg_inv_f64": "linalg.inv float64",
@@ -153,7 +156,7 @@ ROOFLINE_NOTE = (
 
 
 def _mode_columns(mode, cuda):
-    cols = [f"{mode} ms", "vs naive", "vs LU layer", "vs folded", "% roofline"]
+    cols = [f"{mode} ms"] + [BASELINE_COLUMNS[b] for b in BASELINES] + ["% roofline"]
     if mode == "forward":
         cols += ["ours/copy"] + (["GB/s: ours / copy"] if cuda else [])
     if mode == "fwd+bwd":
@@ -234,7 +237,9 @@ def layers_markdown(report, prefix):
         "columns are baseline time / ours, from the same run: naive = ActNorm + conv2d + slogdet "
         "(torch.inverse of W, conv2d, ActNorm undone for the inverse), LU layer = W assembled from "
         "P·L·U each call (rosinality-style), folded = issue 9's plain float32 PyTorch (W = P·L·U' "
-        "with masks built once, ActNorm folded in, one baddbmm; autograd); ours/copy = ours time / "
+        "with masks built once, ActNorm folded in, one baddbmm; autograd), folded (perm) = the same "
+        "fold with W's rows permuted by indexing instead of the dense P matmul (one C×C matmul "
+        "fewer: the stronger baseline at large C); ours/copy = ours time / "
         "x.clone() time, the memory floor"
         + ("; GB/s = bytes read and written by the forward pass / median time, ours and x.clone()."
            if cuda else "."),
@@ -278,7 +283,9 @@ def ops_markdown(report, link):
         "`conv2d`, ActNorm undone for the inverse), (b) *LU layer* = the usual layer assembling "
         "`P·L·U` with two C×C matmuls per call, (c) *folded* = issue 9's plain float32 PyTorch (masks "
         "built once, `W = P @ (lower*lmask + I) @ (upper*umask + diag(sign_s*exp(log_s)))`, ActNorm "
-        "folded in, one `baddbmm`, autograd; the inverse from two triangular solves), (d) `x.clone()`.",
+        "folded in, one `baddbmm`, autograd; the inverse from two triangular solves), (c') *folded "
+        "(perm)* = the same fold with W's rows permuted by indexing instead of the dense P matmul "
+        "(one C×C matmul fewer, so faster at large C), (d) `x.clone()`.",
         "",
     ]
     rows = [([label.replace("x", ",")], report["results"][label], report["ratios"][label])
@@ -365,9 +372,12 @@ def part_digest(part, report):
     copies them into its summary)."""
     if part == "logdet":
         fits = report["fits"]
+        below = report["inverse_training"]["channels_below_1x"]
         lines = [f"fitted exponent k, forward / fwd+bwd, C >= {report['fit_min_c']}: " + "; ".join(
             f"{m} {fits[curve]['forward'][m]['slope']:.2f} / {fits[curve]['fwd+bwd'][m]['slope']:.2f}"
-            for curve in fits for m in fits[curve]["forward"])]
+            for curve in fits for m in fits[curve]["forward"]),
+            "inverse op fwd+bwd vs the naive inverse layer: below 1.0x at "
+            + (f"C = {', '.join(map(str, below))}" if below else "no C")]
     elif part == "layers":
         lines = [f"{name} geomean speed-up vs naive / LU layer / folded: " + ", ".join(
             f"{mode} " + " / ".join(_x(m["geomeans"][mode][b]) for b in BASELINES) for mode in MODES)

@@ -8,8 +8,10 @@ JSON under --out as soon as it finishes (so a run cut short keeps the parts it f
            ... 2048 (powers of two and Glow's 12·2^k), forward and forward+backward, with the
            exponent of time ∝ C^k fitted on the large-C points -> logdet-<device>.json
   layers   ActNorm + 1x1 conv at the level shapes of Glow models for CIFAR-10, CelebA-64 and
-           CelebA-HQ-256: glow_ext.bench.ops's methods (ours, naive, LU layer, folded, copy) and
-           its agreement checks -> layers-<device>.json
+           CelebA-HQ-256: glow_ext.bench.ops's methods (ours, naive, LU layer, folded, copy), modes
+           (forward, fwd+bwd, inverse, inverse fwd+bwd) and agreement checks, ours' % of the
+           roofline (ceilings measured once per run), geomeans and shapes below 1.0x over all
+           level shapes, issue 9's targets -> layers-<device>.json
   e2e      one training step (forward + backward + Adam) and sampling of a whole Glow with the fused
            layers against the same model with naive layers, plus memory -> e2e-<device>.json
 
