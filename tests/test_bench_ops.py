@@ -54,14 +54,16 @@ def test_floor_and_roofline_percentage_by_hand():
     assert roofline.roofline_pct(1.548e-3, 774, 1092, ceilings) == pytest.approx(50.0)
 
 
-def test_shape_roofline_derives_the_backward_from_fwd_bwd_minus_forward():
+def test_shape_roofline_gives_every_mode_its_own_floor():
     ceilings = {"gemm_gflops": {"float32": 1.0, "float64": 0.5}, "copy_gbps": 2.0}
-    ms = {"forward": 1e-3, "fwd+bwd": 4e-3, "inverse": 2e-3, "inverse fwd+bwd": 5e-3}
+    ms = {"forward": 1e-3, "fwd+bwd": 4e-3, "inverse": 2e-3, "inverse fwd+bwd": 5e-3, "backward": 3e-3}
     roof = opbench.shape_roofline((2, 3, 4, 5), ms, ceilings)
-    assert set(roof) == set(ms) | {"backward"}
-    assert roof["backward"]["ms"] == pytest.approx(3e-3)
+    assert set(roof) == set(ms) and all(roof[m]["ms"] == ms[m] for m in ms)
     assert roof["forward"]["pct"] == pytest.approx(100 * 7.74e-4 / 1e-3)
-    assert roof["backward"]["pct"] == pytest.approx(100 * (1530e-9 * 1e3) / 3e-3)
+    # backward: 1530 flops (1.53 µs) against 1680 bytes (0.84 µs) -> compute bound.
+    assert roof["backward"]["floor_ms"] == pytest.approx(1.53e-3)
+    assert roof["backward"]["pct"] == pytest.approx(100 * 1.53e-3 / 3e-3)
+    assert roof["fwd+bwd"]["path"] == "folded"
 
 
 def test_ratio_summary_counts_shapes_below_one():
@@ -147,6 +149,7 @@ def test_quick_mode_writes_roofline_summary_and_training_modes(tmp_path):
             assert all(r > 0 for r in report["ratios"][label][mode].values())
         assert roof["forward"]["path"] == ("factored" if label == "16x512x4x4" else "folded")
         assert "inverse_grad.naive.y" in report["checks"][label]["errors"]
+        assert results["fwd+bwd"]["ours_backward"]["median_ms"] == roof["backward"]["ms"]
     summary = report["ratio_summary"]
     for mode in opbench.MODES:
         for b in opbench.BASELINES:

@@ -24,7 +24,7 @@ through autograd into x and the parameters), inverse (under no_grad) and inverse
 the methods are checked against ours (outputs, logdet, inverse round trip, gradients of both
 training modes); a mismatch aborts the run. The run also measures this machine's GEMM rates and
 copy bandwidth (glow_ext.bench.roofline) and reports ours' time in every mode as a percentage of
-its roofline, with the forward op's backward alone (fwd+bwd minus forward) as a derived row.
+its roofline, and the forward op's backward alone (timed on a graph built once) as a row of its own.
 Speed targets are evaluated and printed, but a missed target never changes the exit status.
 """
 from __future__ import annotations
