@@ -295,7 +295,8 @@ def _cuda_extras(problems, reps, min_time_s, warmup, seed):
 def print_ratio_summary(summary, stream):
     """Geomean of baseline time / ours per mode and baseline, and the shapes where ours is slower."""
     n = next(iter(summary["forward"].values()))["n_shapes"]
-    print(f"\nsummary over {n} shapes: geometric mean of baseline time / ours (higher is better); "
+    # "summary:" starts the part of the log that benchmarks/gpu_check.sh copies.
+    print(f"\nsummary: over {n} shapes, geometric mean of baseline time / ours (higher is better); "
           "[shapes where ours < 1.0x]", file=stream)
     print(f"  {'mode':<15} " + " ".join(f"{b:>14}" for b in BASELINES), file=stream)
     for mode in MODES:
