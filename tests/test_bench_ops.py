@@ -63,7 +63,11 @@ def test_shape_roofline_gives_every_mode_its_own_floor():
     # backward: 1530 flops (1.53 µs) against 1680 bytes (0.84 µs) -> compute bound.
     assert roof["backward"]["floor_ms"] == pytest.approx(1.53e-3)
     assert roof["backward"]["pct"] == pytest.approx(100 * 1.53e-3 / 3e-3)
-    assert roof["fwd+bwd"]["path"] == "folded"
+    assert roof["fwd+bwd"]["path"] == "folded" and roof["forward"]["copy_gbps"] == 2.0
+    # A copy of x that runs from cache at 4 GB/s halves the memory side (1092 bytes: 273 ns).
+    cached = opbench.shape_roofline((2, 3, 4, 5), ms, dict(ceilings, gemm_gflops={"float32": 10.0}),
+                                    clone_gbps=4.0)
+    assert cached["forward"]["copy_gbps"] == 4.0 and cached["forward"]["floor_ms"] == pytest.approx(2.73e-4)
 
 
 def test_ratio_summary_counts_shapes_below_one():

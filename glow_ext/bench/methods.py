@@ -370,20 +370,27 @@ def time_problem(pb, sync, reps, min_time_s, warmup, ceilings, on_mode=None):
                                  "clone": gbps(nbytes, clone_fwd)}
     ours_ms = {m: results[m]["ours"]["median_ms"] for m in MODES}
     ours_ms["backward"] = results["fwd+bwd"]["ours_backward"]["median_ms"]
-    results["roofline"] = shape_roofline(pb.shape, ours_ms, ceilings, pb.x.dtype)
+    results["roofline"] = shape_roofline(pb.shape, ours_ms, ceilings, pb.x.dtype,
+                                         results["bandwidth_gbps"]["clone"])
     return results, ratios
 
 
-def shape_roofline(shape, ours_ms, ceilings, dtype=torch.float32):
-    """{mode: {"flops", "bytes", "path", "floor_ms", "ms", "pct"}}: ours' median time per mode (MODES
-    and "backward", the forward op's backward alone) against the least time its work could take
-    (glow_ext.bench.roofline.layer_work)."""
+def shape_roofline(shape, ours_ms, ceilings, dtype=torch.float32, clone_gbps=0.0):
+    """{mode: {"flops", "bytes", "path", "floor_ms", "copy_gbps", "ms", "pct"}}: ours' median time per
+    mode (MODES and "backward", the forward op's backward alone) against the least time its work
+    could take (glow_ext.bench.roofline.layer_work).
+
+    The memory side takes the faster of the run's copy bandwidth (a copy far past the last-level
+    cache) and clone_gbps, x.clone()'s at this shape: a small image stays in cache, and the DRAM
+    rate alone would make its floor too high."""
     itemsize = torch.empty((), dtype=dtype).element_size()
+    ceilings = dict(ceilings, copy_gbps=max(ceilings["copy_gbps"], clone_gbps))
     out = {}
     for mode, ms in ours_ms.items():
         work = roofline.layer_work(shape, mode, itemsize)
         floor = roofline.floor_ms(work["flops"], work["bytes"], ceilings, dtype)
-        out[mode] = dict(work, floor_ms=floor, ms=ms, pct=100.0 * floor / ms)
+        out[mode] = dict(work, floor_ms=floor, copy_gbps=ceilings["copy_gbps"], ms=ms,
+                         pct=100.0 * floor / ms)
     return out
 
 

@@ -148,7 +148,9 @@ NO_GRAD_MODES = ("forward", "inverse")
 TRAINING_MODES = ("fwd+bwd", "inverse fwd+bwd")
 ROOFLINE_NOTE = (
     "% roofline = the least time the work could take, max(flops / GEMM rate, bytes / copy "
-    "bandwidth), over ours' median time, with the ceilings measured in the same run; flops and bytes "
+    "bandwidth), over ours' median time, with the ceilings measured in the same run (the copy "
+    "bandwidth: the faster of a 256 MB copy and x.clone() at the shape, which may run from cache); "
+    "flops and bytes "
     "as `glow_ext.bench.roofline.layer_work` counts them (2·C²·N·H·W per channel mix: one per pass, "
     "two more per backward; on the folded path the C×C algebra too: 2C³/3 to assemble W, 4C³/3 "
     "for W⁻¹, 2C³ for the backward's chain rule; each image-sized tensor read or written once); "
