@@ -150,6 +150,10 @@ def run(args, stream=sys.stdout):
         raise SystemExit("bench-ops: --update-readme takes full results only, not --quick ones")
     if args.render_only:
         report = json.loads(out_path.read_text())
+        try:
+            bench_report.require_roofline(report, out_path, "glow-ext bench-ops")
+        except ValueError as error:
+            raise SystemExit(f"bench-ops: {error}") from None
         print(_render(report, out_path, args), file=stream)
         return report
     if args.threads:

@@ -49,6 +49,9 @@ def render(out_dir, device, readme=None):
         raise FileNotFoundError(f"no {'/'.join(PARTS)}-{device}.json in {out_dir}")
     if readme is not None and any(r["config"]["quick"] for r in reports.values()):
         raise ValueError("the README shows full results only; these include --quick ones")
+    if "layers" in reports:
+        require_roofline(reports["layers"], out_dir / f"layers-{device}.json",
+                         "glow-ext bench --parts layers")
     files, plots = [], []
     for part, draw in (("logdet", plot_curves), ("layers", plot_layers)):
         if part in reports:
@@ -269,6 +272,12 @@ def layers_markdown(report, prefix):
             f"inverse backward: {'PASS' if extra['sync_check_passed'] else 'FAIL'} at "
             f"{', '.join(extra['sync_check'])}.")]
     return lines
+
+
+def require_roofline(report, path, command):
+    """A clear error for a report written before the roofline columns (issue 9) existed."""
+    if "ceilings" not in report:
+        raise ValueError(f"{path} predates the roofline and inverse fwd+bwd columns; re-run `{command}`")
 
 
 def ops_markdown(report, link):
