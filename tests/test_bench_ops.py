@@ -176,3 +176,10 @@ def test_quick_mode_writes_roofline_summary_and_training_modes(tmp_path):
     (tmp_path / "full.json").write_text(json.dumps(full))
     bench_report.update_readme(readme, "ops-cpu", bench_report.ops_markdown(full, "full.json"))
     assert "| 16,512,4,4 |" in readme.read_text() and "Ceilings measured in this run" in readme.read_text()
+
+
+def test_rendering_a_report_from_before_the_roofline_says_to_re_run(tmp_path):
+    old = {"config": {"quick": False}, "device": "cpu", "results": {}, "ratios": {}}
+    with pytest.raises(ValueError, match="predates the roofline.*glow-ext bench-ops"):
+        bench_report.require_roofline(old, tmp_path / "ops-cpu.json", "glow-ext bench-ops")
+    bench_report.require_roofline(dict(old, ceilings={}), tmp_path / "ops-cpu.json", "glow-ext bench-ops")
