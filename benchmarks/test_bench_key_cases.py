@@ -63,7 +63,8 @@ def _run(benchmark, fn, device, grad_mode):
 def test_layer(benchmark, problem, shape, mode, method, device):
     pb = problem("layer", shape, device)
     benchmark.group = f"layer {mode} {pb.label()} {device}"
-    _run(benchmark, opbench.make_callable(pb, mode, method), device, grad_mode=(mode == "fwd+bwd"))
+    _run(benchmark, opbench.make_callable(pb, mode, method), device,
+         grad_mode=(mode in opbench.TRAINING_MODES))
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -105,10 +105,10 @@ def test_replace_marked_section_touches_only_the_marked_lines():
         bench_report.replace_marked_section(text, "cuda", "x")
 
 
-def test_readme_has_both_marked_sections():
+def test_readme_has_the_marked_sections():
     with open(os.path.join(repo_root(), "README.md")) as f:
         text = f.read()
-    for device in ("cpu", "cuda"):
+    for device in ("cpu", "cuda", "ops-cpu"):
         begin, end = bench_report.markers(device)
         assert 0 <= text.find(begin) < text.find(end)
 
@@ -150,12 +150,27 @@ def test_quick_mode_writes_sane_results(tmp_path):
     # O(C) against O(C^3): even a noisy quick run separates them.
     assert fwd["lu"]["slope"] < 0.6 and fwd["slogdet_f64"]["slope"] > fwd["lu"]["slope"] + 0.5
 
-    layers = reports["layers"]["models"]["cifar10"]
+    inverse_training = curves["inverse_training"]
+    assert sorted(inverse_training["naive_op_over_ours_op"]) == sorted(channels)
+    assert set(inverse_training["channels_below_1x"]) <= set(curves["channels"])
+    assert "grad.inverse.naive_op.y" in curves["checks"][channels[0]]
+
+    layers_report = reports["layers"]
+    layers = layers_report["models"]["cifar10"]
     assert len(layers["per_shape"]) == 3
     for s in layers["per_shape"].values():
-        assert max(s["checks"].values()) < 1e-4
-        for mode in ("forward", "fwd+bwd", "inverse"):
+        assert max(s["checks"].values()) < 1e-4 and "inverse_grad.folded.log_s" in s["checks"]
+        for mode in ("forward", "fwd+bwd", "inverse", "inverse fwd+bwd"):
             assert all(r > 0 and math.isfinite(r) for r in s["ratios"][mode].values())
+            roof = s["results"]["roofline"][mode]
+            assert roof["flops"] > 0 and roof["floor_ms"] > 0 and math.isfinite(roof["pct"])
+        assert "backward" in s["results"]["roofline"]
+    ceilings = layers_report["ceilings"]
+    assert ceilings["gemm_gflops"]["float32"] > 0 and ceilings["copy_gbps"] > 0
+    summary_all = layers_report["ratio_summary_all"]
+    assert summary_all["inverse fwd+bwd"]["naive"]["n_shapes"] == 3
+    assert 0 <= summary_all["fwd+bwd"]["folded"]["shapes_below_1x"] <= 3
+    assert any(t["target"] == "fwd+bwd geomean vs folded" for t in layers_report["targets"])
 
     (e2e,) = reports["e2e"]["configs"]
     assert e2e["checks"]["bits_per_dim"] < bench_suite.E2E_TOL
@@ -166,6 +181,10 @@ def test_quick_mode_writes_sane_results(tmp_path):
         assert (tmp_path / png).read_bytes()[:8] == PNG_SIGNATURE
     summary = (tmp_path / "SUMMARY-cpu.md").read_text()
     assert "| logdet | ours: H·W·(Σ logs + Σ log_s) |" in summary and "| **cifar10** | geomean |" in summary
+    assert "| **all 3** | geomean |" in summary and "inverse fwd+bwd ms" in summary
+    assert "% roofline" in summary and "Ceilings measured in this run" in summary
+    assert "Issue 9's targets over the 3 level shapes" in summary
+    assert "The inverse in training" in summary
     assert "K=2 L=3 width 16 batch 4" in summary and "](logdet-cpu.png)" in summary
 
     # The CUDA-only fields render too (no GPU here: the quick CPU reports, relabelled and extended).

@@ -149,12 +149,12 @@ def inverse_triangular(cp, lower, upper, log_s):
     return m[:, cp.perm]  # (M·Pᵀ)[:, i] = M[:, perm[i]]
 
 
-def inverse_ours_op(cp, bias, logs, lower, upper, log_s):
-    return ops.actnorm_invconv_lu_inverse(cp.y, bias, logs, cp.perm, lower, upper, log_s, cp.sign_s)
+def inverse_ours_op(cp, y, bias, logs, lower, upper, log_s):
+    return ops.actnorm_invconv_lu_inverse(y, bias, logs, cp.perm, lower, upper, log_s, cp.sign_s)
 
 
-def inverse_naive_op(cp, bias, logs, weight):
-    return opbench.naive_inverse(None, cp.y, bias, logs, weight.view(*weight.shape, 1, 1))
+def inverse_naive_op(cp, y, bias, logs, weight):
+    return opbench.naive_inverse(None, y, bias, logs, weight.view(*weight.shape, 1, 1))
 
 
 # name -> (function(cp, *leaves), names of the CurveProblem attributes it differentiates)
@@ -169,8 +169,10 @@ CURVES = {
         "inverse": (inverse_torch, ("weight",)),
         "linalg_inv_f64": (inverse_linalg_f64, ("weight",)),
         "triangular": (inverse_triangular, ("lower", "upper", "log_s")),
-        "ours_op": (inverse_ours_op, ("bias", "logs", "lower", "upper", "log_s")),
-        "naive_op": (inverse_naive_op, ("bias", "logs", "weight")),
+        # fwd+bwd differentiates y too: the inverse in training (reversible backprop, flows trained
+        # in the sampling direction) passes the gradient on to what produced y.
+        "ours_op": (inverse_ours_op, ("y", "bias", "logs", "lower", "upper", "log_s")),
+        "naive_op": (inverse_naive_op, ("y", "bias", "logs", "weight")),
     },
 }
 CURVE_DESCRIPTIONS = {"logdet": LOGDET_METHODS, "inverse": INVERSE_METHODS}
@@ -256,4 +258,15 @@ def run_curves(device, channels, fit_min_c, settings, seed, progress):
                                                         for c in channels], fit_min_c)
                            for m in CURVES[curve]} for mode in CURVE_MODES} for curve in CURVES}
     return {"channels": list(channels), "fit_min_c": fit_min_c, "pixels": list(CURVE_PIXELS),
-            "methods": CURVE_DESCRIPTIONS, "checks": checks, "times": times, "fits": fits}
+            "methods": CURVE_DESCRIPTIONS, "checks": checks, "times": times, "fits": fits,
+            "inverse_training": inverse_training_ratios(times, channels)}
+
+
+def inverse_training_ratios(times, channels):
+    """Issue 9's target for the inverse in training: naive inverse layer time / the inverse op's,
+    forward + backward, at every C of the sweep (>= 1.0x wanted)."""
+    per_c = times["inverse"]["fwd+bwd"]
+    ratios = {str(c): per_c["naive_op"][str(c)]["median_ms"] / per_c["ours_op"][str(c)]["median_ms"]
+              for c in channels}
+    return {"naive_op_over_ours_op": ratios,
+            "channels_below_1x": [int(c) for c, r in ratios.items() if r < 1.0]}

@@ -9,25 +9,40 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .common import gbps, synchronizer, time_methods
+from . import roofline
+from .common import gbps, geomean, synchronizer, time_methods
 
 # A shape large enough for a meaningful bandwidth figure on a GPU (~100 MB each way).
 CUDA_BANDWIDTH_SHAPE = (128, 48, 64, 64)
 
-MODES = ("forward", "fwd+bwd", "inverse")
-BASELINES = ("naive", "lu_layer", "folded")
+# "inverse fwd+bwd": the inverse with autograd into y and every parameter (reversible backprop,
+# flows trained in the sampling direction).
+MODES = ("forward", "fwd+bwd", "inverse", "inverse fwd+bwd")
+TRAINING_MODES = ("fwd+bwd", "inverse fwd+bwd")
+BASELINES = ("naive", "lu_layer", "folded", "folded_perm")
+# The baselines of issue 9's targets (folded_perm is a stronger plain-PyTorch form at large C).
+TARGET_BASELINES = ("naive", "lu_layer", "folded")
 METHODS_BY_MODE = {
     "forward": ("ours",) + BASELINES + ("clone",),
-    "fwd+bwd": ("ours",) + BASELINES,
+    "fwd+bwd": ("ours", "ours_backward") + BASELINES,
     "inverse": ("ours",) + BASELINES,
+    "inverse fwd+bwd": ("ours",) + BASELINES,
 }
 METHOD_DESCRIPTIONS = {
     "ours": "glow_ext.ops.actnorm_invconv_lu / _inverse",
+    "ours_backward": "ours' backward alone (timed in the fwd+bwd mode: one forward outside the "
+                     "timed region, then backward(retain_graph=True) per call)",
     "naive": "(a) ActNorm + F.conv2d with a plain weight; logdet via slogdet; inverse via torch.inverse",
     "lu_layer": "(b) LU layer assembling W with two CxC matmuls per call (dense P, masks); ActNorm "
                 "separate; F.conv2d; inverse via torch.inverse",
-    "folded": "(c) W=(L@U')[perm] with ActNorm folded in, one baddbmm; inverse from two "
-              "solve_triangular calls, folded, one baddbmm",
+    "folded": "(c) issue 9's plain float32 PyTorch: masks built once, W = P @ (lower*lmask + I) @ "
+              "(upper*umask + diag(sign_s*exp(log_s))), a = exp(logs), y = baddbmm((W @ (a*bias))"
+              ".view(1,C,1), (W*a).expand(N,C,C), x.view(N,C,H*W)), logdet = H*W*(logs.sum() + "
+              "log_s.sum()), autograd for the rest; inverse: W^-1 from two solve_triangular calls "
+              "on the same masked factors, folded likewise, one baddbmm",
+    "folded_perm": "(c') the same fold with W = (tril(lower, -1) + I) @ (triu(upper, 1) + "
+                   "diag(sign_s*exp(log_s))) with its rows permuted by indexing: one C x C matmul "
+                   "fewer than (c), so faster at large C; inverse from two solve_triangular calls",
     "clone": "(d) x.clone(), the memory floor",
 }
 
@@ -82,6 +97,11 @@ class Problem:
     def label(self):
         return "x".join(map(str, self.shape))
 
+    def y(self):
+        """The forward op's output at x: the input of the inverse modes."""
+        with torch.no_grad():
+            return ours_forward(self, self.x, *self.lu_theta())[0]
+
     def lu_theta(self):
         """The LU methods' trainable parameters (ours, lu_layer, folded)."""
         return (self.bias, self.logs, self.lower, self.upper, self.log_s)
@@ -130,9 +150,14 @@ def naive_inverse(pb, y, bias, logs, weight):
     return _actnorm_inverse(F.conv2d(y, w_inv.view(c, c, 1, 1)), bias, logs)
 
 
+def _masked_factors(pb, lower, upper, log_s):
+    """L = lower*lmask + I and U' = upper*umask + diag(sign_s*exp(log_s)), masks built once."""
+    return lower * pb.l_mask + pb.eye, upper * pb.u_mask + torch.diag(pb.sign_s * log_s.exp())
+
+
 def lu_layer_weight(pb, lower, upper, log_s):
-    upper_factor = upper * pb.u_mask + torch.diag(pb.sign_s * log_s.exp())
-    return pb.p_matrix @ (lower * pb.l_mask + pb.eye) @ upper_factor
+    unit_lower, upper_factor = _masked_factors(pb, lower, upper, log_s)
+    return pb.p_matrix @ unit_lower @ upper_factor
 
 
 def lu_layer_forward(pb, x, bias, logs, lower, upper, log_s):
@@ -149,26 +174,34 @@ def lu_layer_inverse(pb, y, bias, logs, lower, upper, log_s):
     return _actnorm_inverse(F.conv2d(y, w_inv.view(c, c, 1, 1)), bias, logs)
 
 
-def _folded_factors(pb, lower, upper, log_s):
-    unit_lower = torch.tril(lower, -1) + pb.eye
-    upper_factor = torch.triu(upper, 1) + torch.diag(pb.sign_s * log_s.exp())
-    return unit_lower, upper_factor
-
-
 def folded_forward(pb, x, bias, logs, lower, upper, log_s):
+    """Issue 9's "folded", as written there."""
     n, c, h, w = x.shape
-    unit_lower, upper_factor = _folded_factors(pb, lower, upper, log_s)
-    weight = (unit_lower @ upper_factor)[pb.perm]  # (P v)[i] = v[perm[i]]
-    scale = logs.exp()
-    folded = weight * scale  # W·diag(exp(logs))
-    offset = weight @ (scale * bias)  # W·(exp(logs)⊙bias)
-    y = torch.baddbmm(offset.view(1, c, 1), folded.expand(n, c, c), x.reshape(n, c, h * w))
+    weight = lu_layer_weight(pb, lower, upper, log_s)
+    a = logs.exp()
+    y = torch.baddbmm((weight @ (a * bias)).view(1, c, 1), (weight * a).expand(n, c, c),
+                      x.view(n, c, h * w))
     return y.view(n, c, h, w), (h * w) * (logs.sum() + log_s.sum())
 
 
-def folded_inverse(pb, y, bias, logs, lower, upper, log_s):
+def _triangular_factors(pb, lower, upper, log_s):
+    """L and U' by tril/triu on every call (no mask buffers)."""
+    return torch.tril(lower, -1) + pb.eye, torch.triu(upper, 1) + torch.diag(pb.sign_s * log_s.exp())
+
+
+def folded_perm_forward(pb, x, bias, logs, lower, upper, log_s):
+    n, c, h, w = x.shape
+    unit_lower, upper_factor = _triangular_factors(pb, lower, upper, log_s)
+    weight = (unit_lower @ upper_factor)[pb.perm]  # (P v)[i] = v[perm[i]]
+    a = logs.exp()
+    y = torch.baddbmm((weight @ (a * bias)).view(1, c, 1), (weight * a).expand(n, c, c),
+                      x.view(n, c, h * w))
+    return y.view(n, c, h, w), (h * w) * (logs.sum() + log_s.sum())
+
+
+def folded_inverse(pb, y, bias, logs, lower, upper, log_s, factors=_masked_factors):
     n, c, h, w = y.shape
-    unit_lower, upper_factor = _folded_factors(pb, lower, upper, log_s)
+    unit_lower, upper_factor = factors(pb, lower, upper, log_s)
     m = torch.linalg.solve_triangular(unit_lower, pb.eye, upper=False, unitriangular=True)  # L⁻¹
     m = torch.linalg.solve_triangular(upper_factor, m, upper=True)  # U'⁻¹·L⁻¹
     w_inv = m[:, pb.perm]  # ·Pᵀ
@@ -177,10 +210,36 @@ def folded_inverse(pb, y, bias, logs, lower, upper, log_s):
     return x.view(n, c, h, w)
 
 
+def folded_perm_inverse(pb, y, bias, logs, lower, upper, log_s):
+    return folded_inverse(pb, y, bias, logs, lower, upper, log_s, factors=_triangular_factors)
+
+
 FORWARD = {"ours": ours_forward, "naive": naive_forward, "lu_layer": lu_layer_forward,
-           "folded": folded_forward}
+           "folded": folded_forward, "folded_perm": folded_perm_forward}
 INVERSE = {"ours": ours_inverse, "naive": naive_inverse, "lu_layer": lu_layer_inverse,
-           "folded": folded_inverse}
+           "folded": folded_inverse, "folded_perm": folded_perm_inverse}
+
+
+def training_loss(pb, mode, method):
+    """(leaves, loss): fresh leaves requiring grad (the image, then the method's parameters) and a
+    function computing the scalar that a training mode differentiates from them: <y, g> + logdet
+    for "fwd+bwd", <x, g> through the inverse for "inverse fwd+bwd"."""
+    g = pb.g
+    if mode == "inverse fwd+bwd":
+        fn = INVERSE[method]
+        leaves = tuple(t.detach().clone().requires_grad_(True) for t in (pb.y(),) + pb.theta(method))
+
+        def loss():
+            return (fn(pb, *leaves) * g).sum()
+    else:
+        fn = FORWARD[method]
+        leaves = tuple(t.detach().clone().requires_grad_(True) for t in (pb.x,) + pb.theta(method))
+
+        def loss():
+            y, logdet = fn(pb, *leaves)
+            return (y * g).sum() + logdet
+
+    return leaves, loss
 
 
 def make_callable(pb, mode, method):
@@ -195,16 +254,22 @@ def make_callable(pb, mode, method):
         return lambda: fn(pb, x, *theta)
     if mode == "inverse":
         fn = INVERSE[method]
-        with torch.no_grad():
-            y = ours_forward(pb, pb.x, *pb.lu_theta())[0]
+        y = pb.y()
         return lambda: fn(pb, y, *theta)
-    fn = FORWARD[method]
-    leaves = tuple(t.detach().clone().requires_grad_(True) for t in (pb.x,) + theta)
-    g = pb.g
+    if method == "ours_backward":
+        leaves, loss = training_loss(pb, mode, "ours")
+        graph = loss()
+
+        def backward_only():
+            graph.backward(retain_graph=True)
+            for t in leaves:
+                t.grad = None
+
+        return backward_only
+    leaves, loss = training_loss(pb, mode, method)
 
     def step():
-        y, logdet = fn(pb, *leaves)
-        ((y * g).sum() + logdet).backward()
+        loss().backward()
         for t in leaves:
             t.grad = None
 
@@ -222,6 +287,16 @@ class AgreementError(RuntimeError):
 def rel_err(a, b):
     a, b = a.detach().double(), b.detach().double()
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+def _gradients(pb, mode, method):
+    """{name: gradient} of one call of `method` in a training mode and its backward."""
+    leaves, loss = training_loss(pb, mode, method)
+    loss().backward()
+    image = "x" if mode == "fwd+bwd" else "y"
+    names = (image, "bias", "logs", "weight") if method == "naive" else (
+        image, "bias", "logs", "lower", "upper", "log_s")
+    return dict(zip(names, (t.grad for t in leaves)))
 
 
 def check_problem(pb):
@@ -255,31 +330,28 @@ def check_problem(pb):
             else:
                 record(f"inverse.{method}.vs_ours", rel_err(x, x_ours), ROUND_TRIP_TOL)
 
-    names = ("x", "bias", "logs", "lower", "upper", "log_s")
-    grads = {}
-    for method in ("ours",) + BASELINES:
-        leaves = tuple(t.detach().clone().requires_grad_(True) for t in (pb.x,) + pb.theta(method))
-        y, logdet = FORWARD[method](pb, *leaves)
-        ((y * pb.g).sum() + logdet).backward()
-        grads[method] = dict(zip(names, (t.grad for t in leaves)))
-    for method in BASELINES:
-        # naive's parameter is the plain weight: only x, bias and logs are shared with ours.
-        shared = names[:3] if method == "naive" else names
-        for name in shared:
-            record(f"grad.{method}.{name}", rel_err(grads[method][name], grads["ours"][name]), GRAD_TOL)
+    for mode in TRAINING_MODES:
+        grads = {method: _gradients(pb, mode, method) for method in ("ours",) + BASELINES}
+        prefix = "grad" if mode == "fwd+bwd" else "inverse_grad"
+        for method in BASELINES:
+            # naive's parameter is the plain weight: only the image, bias and logs are shared.
+            for name in [n for n in grads[method] if n in grads["ours"]]:
+                record(f"{prefix}.{method}.{name}", rel_err(grads[method][name], grads["ours"][name]),
+                       GRAD_TOL)
     if failures:
         raise AgreementError(f"shape {pb.label()}: the methods disagree with glow_ext.ops:\n  "
                              + "\n  ".join(failures))
     return errors
 
 
-def time_problem(pb, sync, reps, min_time_s, warmup, on_mode=None):
+def time_problem(pb, sync, reps, min_time_s, warmup, ceilings, on_mode=None):
     """Every mode and method of MODES at one problem: (results, ratios).
 
     results[mode][method] is time_methods' summary, plus results["bandwidth_gbps"] (bytes read and
-    written by the forward pass over its median time, ours and clone); ratios[mode][baseline] is
-    baseline time / ours, plus ratios["forward"]["clone_over_ours"]. on_mode(mode), if given, is
-    called before each mode is timed (progress display).
+    written by the forward pass over its median time, ours and clone) and results["roofline"]
+    (shape_roofline, against `ceilings` from glow_ext.bench.roofline.measure_ceilings);
+    ratios[mode][baseline] is baseline time / ours, plus ratios["forward"]["clone_over_ours"].
+    on_mode(mode), if given, is called before each mode is timed (progress display).
     """
     results = {}
     for mode in MODES:
@@ -287,7 +359,7 @@ def time_problem(pb, sync, reps, min_time_s, warmup, on_mode=None):
             on_mode(mode)
         callables = {m: make_callable(pb, mode, m) for m in METHODS_BY_MODE[mode]}
         results[mode] = time_methods(callables, sync, reps, min_time_s, warmup,
-                                     grad_mode=(mode == "fwd+bwd"))
+                                     grad_mode=(mode in TRAINING_MODES))
     ours_fwd = results["forward"]["ours"]["median_ms"]
     clone_fwd = results["forward"]["clone"]["median_ms"]
     ratios = {mode: {b: results[mode][b]["median_ms"] / results[mode]["ours"]["median_ms"]
@@ -296,7 +368,91 @@ def time_problem(pb, sync, reps, min_time_s, warmup, on_mode=None):
     nbytes = 2 * pb.x.numel() * pb.x.element_size()
     results["bandwidth_gbps"] = {"ours_forward": gbps(nbytes, ours_fwd),
                                  "clone": gbps(nbytes, clone_fwd)}
+    ours_ms = {m: results[m]["ours"]["median_ms"] for m in MODES}
+    ours_ms["backward"] = results["fwd+bwd"]["ours_backward"]["median_ms"]
+    results["roofline"] = shape_roofline(pb.shape, ours_ms, ceilings, pb.x.dtype,
+                                         results["bandwidth_gbps"]["clone"])
     return results, ratios
+
+
+def shape_roofline(shape, ours_ms, ceilings, dtype=torch.float32, clone_gbps=0.0):
+    """{mode: {"flops", "bytes", "path", "floor_ms", "copy_gbps", "ms", "pct"}}: ours' median time per
+    mode (MODES and "backward", the forward op's backward alone) against the least time its work
+    could take (glow_ext.bench.roofline.layer_work).
+
+    The memory side takes the faster of the run's copy bandwidth (a copy far past the last-level
+    cache) and clone_gbps, x.clone()'s at this shape: a small image stays in cache, and the DRAM
+    rate alone would make its floor too high."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    ceilings = dict(ceilings, copy_gbps=max(ceilings["copy_gbps"], clone_gbps))
+    out = {}
+    for mode, ms in ours_ms.items():
+        work = roofline.layer_work(shape, mode, itemsize)
+        floor = roofline.floor_ms(work["flops"], work["bytes"], ceilings, dtype)
+        out[mode] = dict(work, floor_ms=floor, copy_gbps=ceilings["copy_gbps"], ms=ms,
+                         pct=100.0 * floor / ms)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Summaries over shapes and issue 9's training targets
+
+# Issue 9's targets: the training path never slower than plain PyTorch, 2x folded on average, the
+# backward at most twice the forward and every pass at >= 70% of its roofline at C <= 48.
+SMALL_C = 48
+ROOFLINE_TARGET_PCT = 70.0
+
+
+def ratio_summary(ratios):
+    """{mode: {baseline: {"geomean", "shapes_below_1x", "n_shapes", "worst", "worst_shape"}}} over
+    ratios = {shape label: time_problem's ratios}."""
+    out = {}
+    for mode in MODES:
+        out[mode] = {}
+        for b in BASELINES:
+            per_shape = {label: r[mode][b] for label, r in ratios.items()}
+            worst = min(per_shape, key=per_shape.get)
+            out[mode][b] = {"geomean": geomean(per_shape.values()),
+                            "shapes_below_1x": sum(v < 1.0 for v in per_shape.values()),
+                            "n_shapes": len(per_shape), "worst": per_shape[worst], "worst_shape": worst}
+    return out
+
+
+def make_target(name, value, op, threshold, detail=None):
+    passed = value >= threshold if op == ">=" else value <= threshold
+    entry = {"target": name, "value": value, "op": op, "threshold": threshold, "passed": bool(passed)}
+    if detail:
+        entry["detail"] = detail
+    return entry
+
+
+def training_targets(results, ratios):
+    """Issue 9's targets over {shape label: time_problem's results} and {label: ratios}."""
+    summary = ratio_summary(ratios)
+    targets = []
+    for mode, baselines in (("fwd+bwd", TARGET_BASELINES), ("inverse fwd+bwd", ("naive",))):
+        worst = min((summary[mode][b]["worst"], summary[mode][b]["worst_shape"], b) for b in baselines)
+        below = ", ".join(f"{b} {summary[mode][b]['shapes_below_1x']}/{summary[mode][b]['n_shapes']}"
+                          for b in baselines)
+        targets.append(make_target(f"{mode}: >= 1.0x vs {', '.join(baselines)} at every shape",
+                                   worst[0], ">=", 1.0,
+                                   f"worst {worst[2]} at {worst[1]}; shapes below 1.0x: {below}"))
+    targets.append(make_target("fwd+bwd geomean vs folded", summary["fwd+bwd"]["folded"]["geomean"],
+                               ">=", 2.0))
+    small = [label for label in results if int(label.split("x")[1]) <= SMALL_C]
+    if not small:
+        return targets
+    roofs = {label: results[label]["roofline"] for label in small}
+    per_shape = {label: r["backward"]["ms"] / r["forward"]["ms"] for label, r in roofs.items()}
+    worst = max(per_shape, key=per_shape.get)
+    targets.append(make_target(f"C <= {SMALL_C}: backward / forward time", per_shape[worst], "<=", 2.0,
+                               f"worst at {worst}"))
+    for mode in ("forward", "backward", "inverse"):
+        pct = {label: r[mode]["pct"] for label, r in roofs.items()}
+        worst = min(pct, key=pct.get)
+        targets.append(make_target(f"C <= {SMALL_C}: {mode} % of roofline", pct[worst], ">=",
+                                   ROOFLINE_TARGET_PCT, f"worst at {worst}"))
+    return targets
 
 
 # --------------------------------------------------------------------------------------------------
@@ -369,8 +525,10 @@ def _fmt_ms(ms):
 
 
 def print_shape_table(label, shape_results, stream):
-    cols = ("ours", "naive", "lu_layer", "folded", "clone")
-    print(f"  {'mode':<8} " + " ".join(f"{c:>18}" for c in cols), file=stream)
+    """ms per call (ours ± IQR, baselines with baseline/ours) and ours' % of the roofline, per mode."""
+    cols = ("ours",) + BASELINES + ("clone",)
+    roof = shape_results["roofline"]
+    print(f"  {'mode':<15} " + " ".join(f"{c:>18}" for c in cols) + f" {'roofline':>9}", file=stream)
     for mode in MODES:
         res = shape_results[mode]
         ours = res["ours"]["median_ms"]
@@ -387,5 +545,7 @@ def print_shape_table(label, shape_results, stream):
             else:
                 cell = f"{_fmt_ms(r['median_ms'])} ({r['median_ms'] / ours:.2f}x)"
             cells.append(f"{cell:>18}")
-        print(f"  {mode:<8} " + " ".join(cells), file=stream)
+        print(f"  {mode:<15} " + " ".join(cells) + f" {roof[mode]['pct']:>8.1f}%", file=stream)
+    print(f"  {'(backward)':<15} " + f"{_fmt_ms(roof['backward']['ms']):>18} "
+          + " ".join(f"{'':>18}" for _ in cols[1:]) + f" {roof['backward']['pct']:>8.1f}%", file=stream)
     stream.flush()

@@ -10,15 +10,22 @@ Run as `python -m glow_ext bench-ops [options]` (or `glow-ext bench-ops`, or
   lu_layer  (b) the usual LU layer: W = P @ (lower*l_mask + I) @ (upper*u_mask + diag(sign_s*exp(log_s)))
             assembled with two C x C matmuls on every call (P a dense matrix buffer), ActNorm as a
             separate op, F.conv2d; the inverse runs torch.inverse on the assembled W
-  folded    (c) the best plain-PyTorch form: W = (L @ U')[perm], ActNorm folded into it, one
-            torch.baddbmm; the inverse takes W^-1 from two triangular solves and folds it likewise
+  folded    (c) issue 9's plain float32 PyTorch, as a user would write it: masks built once,
+            W = P @ (lower*lmask + I) @ (upper*umask + diag(sign_s*exp(log_s))), a = exp(logs),
+            y = baddbmm((W @ (a*bias)).view(1,C,1), (W*a).expand(N,C,C), x.view(N,C,H*W)), autograd
+            for the rest; the inverse takes W^-1 from two triangular solves and folds it likewise
+  folded_perm (c') the same fold with W = (L @ U')[perm]: the rows permuted by indexing, one C x C
+            matmul fewer than (c), so the stronger plain-PyTorch baseline at large C
   clone     (d) x.clone(): the memory floor
 
 Modes: forward (y and logdet, under no_grad), fwd+bwd (loss = (y*g).sum() + logdet, backward
-through autograd into x and the parameters) and inverse (under no_grad). Before anything is timed
-the methods are checked against ours (outputs, logdet, inverse round trip, gradients); a mismatch
-aborts the run. Speed targets are evaluated and printed, but a missed target never changes the exit
-status.
+through autograd into x and the parameters), inverse (under no_grad) and inverse fwd+bwd (loss =
+(x*g).sum() through the inverse, backward into y and the parameters). Before anything is timed
+the methods are checked against ours (outputs, logdet, inverse round trip, gradients of both
+training modes); a mismatch aborts the run. The run also measures this machine's GEMM rates and
+copy bandwidth (glow_ext.bench.roofline) and reports ours' time in every mode as a percentage of
+its roofline, and the forward op's backward alone (timed on a graph built once) as a row of its own.
+Speed targets are evaluated and printed, but a missed target never changes the exit status.
 """
 from __future__ import annotations
 
@@ -31,11 +38,13 @@ from pathlib import Path
 
 import torch
 
+from . import report as bench_report
 from .common import MALLOC_ENV, geomean, geomean_str, report_header, synchronizer
 from .methods import (BASELINES, CUDA_BANDWIDTH_SHAPE, GRAD_TOL, METHOD_DESCRIPTIONS, MODES,
                       OUTPUT_TOL, PERTURBATION, ROUND_TRIP_TOL, AgreementError, Problem,
-                      check_problem, cuda_bandwidth, cuda_sync_check, print_shape_table,
-                      time_problem)
+                      check_problem, cuda_bandwidth, cuda_sync_check, make_target,
+                      print_shape_table, ratio_summary, time_problem, training_targets)
+from .roofline import measure_ceilings
 
 SHAPES = (
     (64, 12, 16, 16),
@@ -55,16 +64,11 @@ QUICK_SHAPES = ((64, 12, 16, 16), (16, 512, 4, 4))
 
 
 def evaluate_targets(results, ratios, shapes):
-    """The issue's speed targets: list of {target, value, threshold, passed}."""
+    """The issues' speed targets: list of {target, value, op, threshold, passed[, detail]}."""
     targets = []
 
-    def target(name, value, op, threshold, detail=None):
-        passed = value >= threshold if op == ">=" else value <= threshold
-        entry = {"target": name, "value": value, "op": op, "threshold": threshold,
-                 "passed": bool(passed)}
-        if detail:
-            entry["detail"] = detail
-        targets.append(entry)
+    def target(*args):
+        targets.append(make_target(*args))
 
     def gm(mode, baseline):
         return geomean([ratios[s][mode][baseline] for s in ratios])
@@ -88,7 +92,7 @@ def evaluate_targets(results, ratios, shapes):
         target("C <= 24: ours forward time / clone time", per_shape[worst_label], "<=", 2.5,
                f"worst at {worst_label}; per shape "
                + ", ".join(f"{k} {v:.2f}" for k, v in per_shape.items()))
-    return targets
+    return targets + training_targets(results, ratios)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -125,22 +129,40 @@ def add_arguments(parser, default_out_dir=None):
     parser.add_argument("--min-time-ms", type=float, default=None,
                         help="minimum duration of one measurement (default: 5, 2 with --quick)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the parameters and inputs")
+    parser.add_argument("--update-readme", action="store_true",
+                        help="replace the README's section between <!-- bench:ops-<device>:begin --> "
+                             "and <!-- bench:ops-<device>:end --> with the tables (full results only)")
+    parser.add_argument("--render-only", action="store_true",
+                        help="time nothing: print the tables of the JSON at --out (and update the "
+                             "README with --update-readme)")
+    parser.add_argument("--readme", type=Path, default=None,
+                        help="README to update (default: the checkout's README.md)")
     parser.set_defaults(_bench_default_out_dir=default_out_dir)
 
 
 def run(args, stream=sys.stdout):
     """Run the benchmark described by parsed `args`; returns the result dict (also written as JSON)."""
+    device = args.device
+    out_dir = Path(getattr(args, "_bench_default_out_dir", None) or "benchmarks/results")
+    # A quick run never overwrites the full results.
+    out_path = Path(args.out) if args.out else out_dir / f"ops-{device}{'-quick' if args.quick else ''}.json"
+    if args.update_readme and args.quick:
+        raise SystemExit("bench-ops: --update-readme takes full results only, not --quick ones")
+    if args.render_only:
+        report = json.loads(out_path.read_text())
+        try:
+            bench_report.require_roofline(report, out_path, "glow-ext bench-ops")
+        except ValueError as error:
+            raise SystemExit(f"bench-ops: {error}") from None
+        print(_render(report, out_path, args), file=stream)
+        return report
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = args.device
     info = _check_build(device, stream)
     shapes = list(args.shapes or (QUICK_SHAPES if args.quick else SHAPES))
     reps = args.reps or (5 if args.quick else 15)
     min_time_s = (args.min_time_ms or (2.0 if args.quick else 5.0)) / 1e3
     warmup = 2 if args.quick else 5
-    out_dir = Path(getattr(args, "_bench_default_out_dir", None) or "benchmarks/results")
-    # A quick run never overwrites the full results.
-    out_path = Path(args.out) if args.out else out_dir / f"ops-{device}{'-quick' if args.quick else ''}.json"
 
     print(f"glow_ext bench-ops: device={device}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {reps} measurements of >= {min_time_s * 1e3:g} ms each",
@@ -151,14 +173,17 @@ def run(args, stream=sys.stdout):
 
     problems, checks = _check_agreement(shapes, device, args.seed, stream)
     wall = time.perf_counter()
-    results, ratios = _time_problems(problems, synchronizer(device), reps, min_time_s, warmup, stream)
+    ceilings = ceilings_of_run(device, args.quick, stream)
+    results, ratios = _time_problems(problems, synchronizer(device), reps, min_time_s, warmup,
+                                     ceilings, stream)
     elapsed = time.perf_counter() - wall
     geomeans = {mode: {b: geomean([ratios[s][mode][b] for s in ratios]) for b in BASELINES}
                 for mode in MODES}
+    summary = ratio_summary(ratios)
     targets = evaluate_targets(results, ratios, shapes)
     cuda_extra = (_cuda_extras(problems, reps, min_time_s, warmup, args.seed)
                   if device == "cuda" else None)
-    _print_summary(device, geomeans, targets, cuda_extra, results, stream)
+    _print_summary(device, summary, results, targets, cuda_extra, stream)
 
     report = {
         "benchmark": "glow_ext bench-ops",
@@ -173,6 +198,8 @@ def run(args, stream=sys.stdout):
         "results": results,
         "ratios": ratios,
         "geomeans": geomeans,
+        "ratio_summary": summary,
+        "ceilings": ceilings,
         "targets": targets,
         "targets_passed": all(t["passed"] for t in targets),
     }
@@ -183,7 +210,21 @@ def run(args, stream=sys.stdout):
     tmp.write_text(json.dumps(report, indent=1, sort_keys=False, default=float) + "\n")
     tmp.replace(out_path)
     print(f"\nwrote {out_path} (timing took {elapsed:.0f} s)", file=stream)
+    if args.update_readme:
+        _render(report, out_path, args)
     return report
+
+
+def _render(report, json_path, args):
+    """The README tables of a report; written into the README's marked section with --update-readme."""
+    readme = Path(args.readme) if args.readme else bench_report.default_readme()
+    link = os.path.relpath(Path(json_path).resolve(), readme.resolve().parent)
+    text = bench_report.ops_markdown(report, link)
+    if args.update_readme:
+        if report["config"]["quick"]:
+            raise SystemExit("bench-ops: --update-readme takes full results only, not --quick ones")
+        bench_report.update_readme(readme, f"ops-{report['device']}", text)
+    return text
 
 
 def _check_build(device, stream):
@@ -223,13 +264,23 @@ def _check_agreement(shapes, device, seed, stream):
     return problems, checks
 
 
-def _time_problems(problems, sync, reps, min_time_s, warmup, stream):
+def ceilings_of_run(device, quick, stream):
+    """This machine's GEMM rates and copy bandwidth, measured once per run (roofline module)."""
+    ceilings = measure_ceilings(device, reps=3 if quick else 5, min_time_s=0.1 if quick else 0.3)
+    print(f"ceilings: GEMM {ceilings['gemm_gflops']['float32']:.0f} GFLOP/s float32, "
+          f"{ceilings['gemm_gflops']['float64']:.0f} GFLOP/s float64 ({ceilings['gemm_size']}^3 mm); "
+          f"copy {ceilings['copy_gbps']:.1f} GB/s (read + write, {ceilings['copy_mb']} MB)", file=stream)
+    return ceilings
+
+
+def _time_problems(problems, sync, reps, min_time_s, warmup, ceilings, stream):
     results, ratios = {}, {}
     for index, (label, pb) in enumerate(problems.items(), 1):
         n, c, h, w = pb.shape
         print(f"[{index}/{len(problems)}] {label}  (C={c}, N·H·W={n * h * w}; "
-              "ms per call, median; ours ±IQR; (baseline/ours); clone (x ours/clone))", file=stream)
-        results[label], ratios[label] = time_problem(pb, sync, reps, min_time_s, warmup)
+              "ms per call, median; ours ±IQR; (baseline/ours); clone (x ours/clone); "
+              "ours' % of roofline)", file=stream)
+        results[label], ratios[label] = time_problem(pb, sync, reps, min_time_s, warmup, ceilings)
         print_shape_table(label, results[label], stream)
     return results, ratios
 
@@ -245,18 +296,31 @@ def _cuda_extras(problems, reps, min_time_s, warmup, seed):
             "sync_check_passed": all(r["passed"] for s in sync_checks.values() for r in s.values())}
 
 
-def _print_summary(device, geomeans, targets, cuda_extra, results, stream):
-    print("\nsummary: geometric mean over shapes of baseline time / ours (higher is better)", file=stream)
-    print(f"  {'mode':<8} " + " ".join(f"{b:>10}" for b in BASELINES), file=stream)
+def print_ratio_summary(summary, stream):
+    """Geomean of baseline time / ours per mode and baseline, and the shapes where ours is slower."""
+    n = next(iter(summary["forward"].values()))["n_shapes"]
+    # "summary:" starts the part of the log that benchmarks/gpu_check.sh copies.
+    print(f"\nsummary: over {n} shapes, geometric mean of baseline time / ours (higher is better); "
+          "[shapes where ours < 1.0x]", file=stream)
+    print(f"  {'mode':<15} " + " ".join(f"{b:>14}" for b in BASELINES), file=stream)
     for mode in MODES:
-        print(f"  {mode:<8} " + " ".join(f"{geomean_str(geomeans[mode][b]):>10}" for b in BASELINES),
-              file=stream)
-    print(f"\ntargets ({device}; evaluated, never fatal):", file=stream)
+        cells = [f"{geomean_str(s['geomean'])} [{s['shapes_below_1x']}]"
+                 for s in (summary[mode][b] for b in BASELINES)]
+        print(f"  {mode:<15} " + " ".join(f"{c:>14}" for c in cells), file=stream)
+
+
+def print_targets(title, targets, stream):
+    print(f"\n{title}:", file=stream)
     for t in targets:
         mark = "PASS" if t["passed"] else "FAIL"
         detail = f"  [{t['detail']}]" if t.get("detail") else ""
         print(f"  {mark}  {t['target']}: {t['value']:.2f} (target {t['op']} {t['threshold']:g}){detail}",
               file=stream)
+
+
+def _print_summary(device, summary, results, targets, cuda_extra, stream):
+    print_ratio_summary(summary, stream)
+    print_targets(f"targets ({device}; evaluated, never fatal)", targets, stream)
     if not cuda_extra:
         return
     bw = cuda_extra["bandwidth"]

@@ -2,7 +2,7 @@
 
 Everything here reads the JSON reports the suite wrote, so `glow-ext bench --render-only` can redraw
 from committed results: logdet-<device>.png (log-log cost against C with the fitted exponents),
-layers-<device>.png (speed-up bars per level shape), SUMMARY-<device>.md, and the README's section
+layers-<device>.png (speed-up bars per level shape and mode, and a % of roofline panel), SUMMARY-<device>.md, and the README's section
 between `<!-- bench:<device>:begin -->` and `<!-- bench:<device>:end -->`.
 """
 from __future__ import annotations
@@ -13,9 +13,12 @@ import os
 from pathlib import Path
 
 PARTS = ("logdet", "layers", "e2e")
-MODES = ("forward", "fwd+bwd", "inverse")
-BASELINES = ("naive", "lu_layer", "folded")
-BASELINE_LABELS = {"naive": "naive (slogdet)", "lu_layer": "LU layer", "folded": "folded PyTorch"}
+MODES = ("forward", "fwd+bwd", "inverse", "inverse fwd+bwd")
+BASELINES = ("naive", "lu_layer", "folded", "folded_perm")
+BASELINE_LABELS = {"naive": "naive (slogdet)", "lu_layer": "LU layer", "folded": "folded PyTorch",
+                   "folded_perm": "folded, rows permuted by index"}
+BASELINE_COLUMNS = {"naive": "vs naive", "lu_layer": "vs LU layer", "folded": "vs folded",
+                    "folded_perm": "vs folded (perm)"}
 METHOD_LABELS = {
     "slogdet": "slogdet", "slogdet_f64": "slogdet float64", "det": "det", "lu": "ours: H·W·(Σ logs + Σ log_s)",
     "inverse": "torch.inverse", "linalg_inv_f64": "linalg.inv float64",
@@ -46,6 +49,9 @@ def render(out_dir, device, readme=None):
         raise FileNotFoundError(f"no {'/'.join(PARTS)}-{device}.json in {out_dir}")
     if readme is not None and any(r["config"]["quick"] for r in reports.values()):
         raise ValueError("the README shows full results only; these include --quick ones")
+    if "layers" in reports:
+        require_roofline(reports["layers"], out_dir / f"layers-{device}.json",
+                         "glow-ext bench --parts layers")
     files, plots = [], []
     for part, draw in (("logdet", plot_curves), ("layers", plot_layers)):
         if part in reports:
@@ -127,6 +133,105 @@ def curves_markdown(report, prefix):
         f"inverting 16 pixels takes {_ms(t['inverse']['forward']['naive_op'][top]['median_ms'])} ms "
         f"through torch.inverse, {_ms(t['inverse']['forward']['ours_op'][top]['median_ms'])} ms through "
         f"the inverse op ({_x(t['inverse']['forward']['naive_op'][top]['median_ms'] / t['inverse']['forward']['ours_op'][top]['median_ms'])}).")]
+    training = body.get("inverse_training")  # absent from reports written before issue 9
+    if training:
+        ratios = training["naive_op_over_ours_op"]
+        below = training["channels_below_1x"]
+        lines += ["", (
+            "The inverse in training (forward + backward into y and every parameter, 16 pixels): naive "
+            "inverse layer time / the inverse op's at C = "
+            + ", ".join(f"{c}: {_x(r)}" for c, r in ratios.items())
+            + (f"; below 1.0x at C = {', '.join(map(str, below))}" if below else "; never below 1.0x")
+            + " (issue 9's target: >= 1.0x at every C).")]
+    return lines
+
+
+# Pass-through passes and training modes, each a table of its own (one would be ~25 columns wide).
+NO_GRAD_MODES = ("forward", "inverse")
+TRAINING_MODES = ("fwd+bwd", "inverse fwd+bwd")
+ROOFLINE_NOTE = (
+    "% roofline = the least time the work could take, max(flops / GEMM rate, bytes / copy "
+    "bandwidth), over ours' median time, with the ceilings measured in the same run (the copy "
+    "bandwidth: the faster of a 256 MB copy and x.clone() at the shape, which may run from cache); "
+    "flops and bytes "
+    "as `glow_ext.bench.roofline.layer_work` counts them (2·C²·N·H·W per channel mix: one per pass, "
+    "two more per backward; on the folded path the C×C algebra too: 2C³/3 to assemble W, 4C³/3 "
+    "for W⁻¹, 2C³ for the backward's chain rule; each image-sized tensor read or written once); "
+    "bwd = the forward op's backward alone, timed as backward(retain_graph=True) on a graph built "
+    "outside the timed region.")
+
+
+def _mode_columns(mode, cuda):
+    cols = [f"{mode} ms"] + [BASELINE_COLUMNS[b] for b in BASELINES] + ["% roofline"]
+    if mode == "forward":
+        cols += ["ours/copy"] + (["GB/s: ours / copy"] if cuda else [])
+    if mode == "fwd+bwd":
+        cols += ["bwd/fwd", "bwd % roofline"]
+    return cols
+
+
+def _mode_cells(results, ratios, mode, cuda):
+    roof = results["roofline"]
+    cells = [_ms(results[mode]["ours"]["median_ms"])] + [_x(ratios[mode][b]) for b in BASELINES]
+    cells.append(f"{roof[mode]['pct']:.0f}%")
+    if mode == "forward":
+        cells.append(f"{1 / ratios['forward']['clone_over_ours']:.1f}")
+        if cuda:
+            gbps = results["bandwidth_gbps"]
+            cells.append(f"{gbps['ours_forward']:.0f} / {gbps['clone']:.0f}")
+    if mode == "fwd+bwd":
+        cells += [f"{roof['backward']['ms'] / roof['forward']['ms']:.1f}",
+                  f"{roof['backward']['pct']:.0f}%"]
+    return cells
+
+
+def _summary_cells(per_mode, mode, cuda):
+    """A geomean row's cells for one mode; per_mode[mode][baseline] is a geomean or a ratio_summary
+    entry (then with its count of shapes below 1.0x)."""
+    cells = [""]
+    for b in BASELINES:
+        entry = per_mode[mode][b]
+        if isinstance(entry, dict):
+            cells.append(f"**{_x(entry['geomean'])}** ({entry['shapes_below_1x']} < 1x)")
+        else:
+            cells.append(f"**{_x(entry)}**")
+    return cells + [""] * (len(_mode_columns(mode, cuda)) - len(cells))
+
+
+def speed_tables(head, rows, summaries, cuda):
+    """Markdown lines of two tables (no-grad passes, training modes) with the same rows.
+
+    head: the leading column names; rows: [(leading cells, results, ratios)] as time_problem returns
+    them; summaries: [(leading cells, {mode: {baseline: geomean or ratio_summary entry}})]."""
+    lines = []
+    for title, modes in (("Forward and inverse (no grad)", NO_GRAD_MODES),
+                         ("Training: the pass and its backward through autograd, every parameter "
+                          "and the input requiring grad", TRAINING_MODES)):
+        cols = head + [c for mode in modes for c in _mode_columns(mode, cuda)]
+        lines += [f"*{title}*", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        for lead, results, ratios in rows:
+            cells = lead + [c for mode in modes for c in _mode_cells(results, ratios, mode, cuda)]
+            lines.append("| " + " | ".join(cells) + " |")
+        for lead, per_mode in summaries:
+            cells = lead + [c for mode in modes for c in _summary_cells(per_mode, mode, cuda)]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
+def ceilings_line(report):
+    c = report["ceilings"]
+    return (f"Ceilings measured in this run: GEMM {c['gemm_gflops']['float32']:.0f} GFLOP/s float32, "
+            f"{c['gemm_gflops']['float64']:.0f} GFLOP/s float64 ({c['gemm_size']}³ torch.mm), copy "
+            f"{c['copy_gbps']:.1f} GB/s (bytes read + written, {c['copy_mb']} MB). " + ROOFLINE_NOTE)
+
+
+def targets_lines(title, targets):
+    lines = [f"{title}:", ""]
+    for t in targets:
+        detail = f" ({t['detail']})" if t.get("detail") else ""
+        lines.append(f"- {'PASS' if t['passed'] else '**FAIL**'} {t['target']}: {t['value']:.2f}, "
+                     f"target {t['op']} {t['threshold']:g}{detail}")
     return lines
 
 
@@ -134,39 +239,29 @@ def layers_markdown(report, prefix):
     cuda = report["device"] == "cuda"
     lines = [
         f"**ActNorm + 1x1 conv at the level shapes of three Glow models** ({_machine(report)}, "
-        f"{_when(report)}; `{prefix}layers-{report['device']}.json`). ms per call of ours; the "
-        "other columns are baseline time / ours, from the same run: naive = ActNorm + conv2d + slogdet "
-        "(torch.inverse for the inverse), LU layer = W assembled from P·L·U each call "
-        "(rosinality-style), folded = the best plain-PyTorch form; ours/copy = ours time / x.clone() "
-        "time, the memory floor"
+        f"{_when(report)}; `{prefix}layers-{report['device']}.json`). ms per call of ours; \"vs\" "
+        "columns are baseline time / ours, from the same run: naive = ActNorm + conv2d + slogdet "
+        "(torch.inverse of W, conv2d, ActNorm undone for the inverse), LU layer = W assembled from "
+        "P·L·U each call (rosinality-style), folded = issue 9's plain float32 PyTorch (W = P·L·U' "
+        "with masks built once, ActNorm folded in, one baddbmm; autograd), folded (perm) = the same "
+        "fold with W's rows permuted by indexing instead of the dense P matmul (one C×C matmul "
+        "fewer: the stronger baseline at large C); ours/copy = ours time / "
+        "x.clone() time, the memory floor"
         + ("; GB/s = bytes read and written by the forward pass / median time, ours and x.clone()."
            if cuda else "."),
         "",
-        "| model (batch) | level | N,C,H,W | forward ms | vs naive | vs LU layer | vs folded | ours/copy "
-        + ("| GB/s: ours / copy " if cuda else "") + "| fwd+bwd ms | vs naive | vs LU layer | vs folded | inverse ms | vs naive | vs LU layer | vs folded |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if cuda else ""),
     ]
+    rows, summaries = [], []
     for name, model in report["models"].items():
         for label, s in model["per_shape"].items():
-            res, rat = s["results"], s["ratios"]
-            cells = []
-            for mode in MODES:
-                cells.append(_ms(res[mode]["ours"]["median_ms"]))
-                cells += [_x(rat[mode][b]) for b in BASELINES]
-                if mode == "forward":
-                    cells.append(f"{1 / rat['forward']['clone_over_ours']:.1f}")
-                    if cuda:
-                        gbps = res["bandwidth_gbps"]
-                        cells.append(f"{gbps['ours_forward']:.0f} / {gbps['clone']:.0f}")
-            lines.append(f"| {name} ({model['batch']}) | {s['level']} | {label.replace('x', ',')} | "
-                         + " | ".join(cells) + " |")
-        gm = model["geomeans"]
-        cells = []
-        for mode in MODES:
-            cells += [""] + [f"**{_x(gm[mode][b])}**" for b in BASELINES]
-            if mode == "forward":
-                cells += [""] * (2 if cuda else 1)
-        lines.append(f"| **{name}** | geomean | | " + " | ".join(cells) + " |")
+            rows.append(([f"{name} ({model['batch']})", str(s["level"]), label.replace("x", ",")],
+                         s["results"], s["ratios"]))
+        summaries.append(([f"**{name}**", "geomean", ""], model["geomeans"]))
+    n_shapes = sum(len(m["per_shape"]) for m in report["models"].values())
+    summaries.append(([f"**all {n_shapes}**", "geomean", ""], report["ratio_summary_all"]))
+    lines += speed_tables(["model (batch)", "level", "N,C,H,W"], rows, summaries, cuda)
+    lines += [ceilings_line(report), ""]
+    lines += targets_lines(f"Issue 9's targets over the {n_shapes} level shapes", report["targets"])
     extra = report.get("cuda")
     if extra:
         bw = extra["bandwidth"]
@@ -177,6 +272,41 @@ def layers_markdown(report, prefix):
             f"inverse backward: {'PASS' if extra['sync_check_passed'] else 'FAIL'} at "
             f"{', '.join(extra['sync_check'])}.")]
     return lines
+
+
+def require_roofline(report, path, command):
+    """A clear error for a report written before the roofline columns (issue 9) existed."""
+    if "ceilings" not in report:
+        raise ValueError(f"{path} predates the roofline and inverse fwd+bwd columns; re-run `{command}`")
+
+
+def ops_markdown(report, link):
+    """The README's bench-ops table from ops-<device>.json; link: the JSON's path as the text shows it."""
+    cuda = report["device"] == "cuda"
+    config = report["config"]
+    lines = [
+        f"<!-- generated by `glow-ext bench-ops --render-only --update-readme` from {link}; do not "
+        "edit by hand -->",
+        f"Measured by `glow-ext bench-ops` (`{link}`, {_when(report)}, {_machine(report)}, torch "
+        f"{report['torch_version']}, {config['dtype']}; medians of {config['reps']} measurements; all "
+        "methods start from the same LU parameters and are checked against each other, outputs and "
+        "gradients of both training modes, before timing). \"vs\" columns are baseline time / ours: "
+        "(a) *naive* = ActNorm + `conv2d` with a plain weight + `slogdet` (`torch.inverse` of W, "
+        "`conv2d`, ActNorm undone for the inverse), (b) *LU layer* = the usual layer assembling "
+        "`P·L·U` with two C×C matmuls per call, (c) *folded* = issue 9's plain float32 PyTorch (masks "
+        "built once, `W = P @ (lower*lmask + I) @ (upper*umask + diag(sign_s*exp(log_s)))`, ActNorm "
+        "folded in, one `baddbmm`, autograd; the inverse from two triangular solves), (c') *folded "
+        "(perm)* = the same fold with W's rows permuted by indexing instead of the dense P matmul "
+        "(one C×C matmul fewer, so faster at large C), (d) `x.clone()`.",
+        "",
+    ]
+    rows = [([label.replace("x", ",")], report["results"][label], report["ratios"][label])
+            for label in report["results"]]
+    lines += speed_tables(["shape (N,C,H,W)"], rows,
+                          [([f"**geomean of {len(rows)}**"], report["ratio_summary"])], cuda)
+    lines += [ceilings_line(report), ""]
+    lines += targets_lines("Targets (issue 9's training targets last)", report["targets"])
+    return "\n".join(lines)
 
 
 def e2e_markdown(report, prefix):
@@ -254,13 +384,23 @@ def part_digest(part, report):
     copies them into its summary)."""
     if part == "logdet":
         fits = report["fits"]
+        below = report["inverse_training"]["channels_below_1x"]
         lines = [f"fitted exponent k, forward / fwd+bwd, C >= {report['fit_min_c']}: " + "; ".join(
             f"{m} {fits[curve]['forward'][m]['slope']:.2f} / {fits[curve]['fwd+bwd'][m]['slope']:.2f}"
-            for curve in fits for m in fits[curve]["forward"])]
+            for curve in fits for m in fits[curve]["forward"]),
+            "inverse op fwd+bwd vs the naive inverse layer: below 1.0x at "
+            + (f"C = {', '.join(map(str, below))}" if below else "no C")]
     elif part == "layers":
         lines = [f"{name} geomean speed-up vs naive / LU layer / folded: " + ", ".join(
             f"{mode} " + " / ".join(_x(m["geomeans"][mode][b]) for b in BASELINES) for mode in MODES)
             for name, m in report["models"].items()]
+        summary = report["ratio_summary_all"]
+        lines.append("all shapes, geomean (shapes below 1.0x) vs naive / LU layer / folded: " + ", ".join(
+            f"{mode} " + " / ".join(f"{_x(s['geomean'])} ({s['shapes_below_1x']})"
+                                    for s in (summary[mode][b] for b in BASELINES)) for mode in MODES))
+        lines.append("issue 9 targets: " + "; ".join(
+            f"{'PASS' if t['passed'] else 'FAIL'} {t['target']} {t['value']:.2f}"
+            for t in report["targets"]))
         if report.get("cuda"):
             bw = report["cuda"]["bandwidth"]
             lines.append(f"ours forward {bw['ours_forward_gbps']:.0f} GB/s vs copy {bw['copy_gbps']:.0f} GB/s; "
@@ -353,18 +493,29 @@ def plot_curves(report, path):
     return Path(path)
 
 
+def _minor_ratio_label(value, _):
+    """2x, 5x, 0.2x, 0.5x ... between the decades' labels (all nine crowd a short panel)."""
+    if value <= 0 or value >= 10:
+        return ""
+    leading = round(value / 10 ** math.floor(math.log10(value)))
+    return f"{value:g}x" if leading in (2, 5) else ""
+
+
 def plot_layers(report, path):
-    """One panel per mode: baseline time / ours for every level shape of every model, log scale."""
+    """One panel per mode: baseline time / ours for every level shape of every model, log scale; a
+    last panel: ours' % of the roofline per mode (and the backward alone)."""
     plt = _pyplot()
     from matplotlib import ticker
 
-    labels, rows = [], []
+    labels, rows, roofs = [], [], []
     for name, model in report["models"].items():
         for label, s in model["per_shape"].items():
             n, c, h, w = (int(v) for v in label.split("x"))
             labels.append(f"{name}\nC={c} {h}²")
             rows.append(s["ratios"])
-    fig, axes = plt.subplots(3, 1, figsize=(max(8.0, 0.75 * len(labels) + 2), 10), dpi=110, sharex=True)
+            roofs.append(s["results"]["roofline"])
+    fig, axes = plt.subplots(len(MODES) + 1, 1, figsize=(max(8.0, 0.75 * len(labels) + 2), 15), dpi=110,
+                             sharex=True)
     width = 0.8 / len(BASELINES)
     for ax, mode in zip(axes, MODES):
         for i, baseline in enumerate(BASELINES):
@@ -374,17 +525,35 @@ def plot_layers(report, path):
         ax.axhline(1.0, color="k", linewidth=0.8)
         ax.set_yscale("log")
         ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
-        ax.yaxis.set_minor_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}x" if v < 10 else ""))
+        ax.yaxis.set_minor_formatter(ticker.FuncFormatter(_minor_ratio_label))
         ax.set_ylabel("baseline time / ours")
         ax.set_title(f"{mode}: speed-up of the fused op (> 1: ours faster)", fontsize=10)
         ax.grid(True, axis="y", which="both", alpha=0.25)
+    ax = axes[-1]
+    roof_modes = MODES + ("backward",)
+    roof_width = 0.8 / len(roof_modes)
+    for i, mode in enumerate(roof_modes):
+        xs = [j + (i - (len(roof_modes) - 1) / 2) * roof_width for j in range(len(roofs))]
+        ax.bar(xs, [r[mode]["pct"] for r in roofs], width=roof_width * 0.95, label=mode,
+               color=plt.cm.viridis(i / len(roof_modes)))
+    ax.axhline(100.0, color="k", linewidth=0.8)
+    ax.axhline(70.0, color="0.5", linewidth=0.8, linestyle="--")
+    ax.set_ylabel("% of roofline")
+    ax.set_title("ours' time as % of the roofline (dashed: issue 9's 70% at C ≤ 48; backward = "
+                 "the backward alone)", fontsize=10)
+    ax.legend(fontsize=7, ncol=len(roof_modes), loc="upper right")
+    ax.grid(True, axis="y", alpha=0.25)
     axes[-1].set_xticks(range(len(labels)))
     axes[-1].set_xticklabels(labels, fontsize=7, rotation=60, ha="right")
+    ceilings = report["ceilings"]
     fig.suptitle(f"ActNorm + 1x1 conv at Glow's level shapes, {_machine(report)}, "
-                 f"torch {report['torch_version']}, {_when(report)}", fontsize=10)
+                 f"torch {report['torch_version']}, {_when(report)}\nroofline ceilings measured in the "
+                 f"run: GEMM {ceilings['gemm_gflops']['float32']:.0f} GFLOP/s float32, copy "
+                 f"{ceilings['copy_gbps']:.0f} GB/s",
+                 fontsize=10)
     # One legend above the panels, where it cannot cover a bar.
     fig.legend(*axes[0].get_legend_handles_labels(), loc="upper center", ncol=len(BASELINES),
-               fontsize=8, bbox_to_anchor=(0.5, 0.965))
+               fontsize=8, bbox_to_anchor=(0.5, 0.958))
     fig.tight_layout(rect=(0, 0, 1, 0.94))
     fig.savefig(path)
     plt.close(fig)

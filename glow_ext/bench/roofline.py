@@ -53,3 +53,59 @@ def floor_ms(flops, nbytes, ceilings, dtype=torch.float32):
 def roofline_pct(measured_ms, flops, nbytes, ceilings, dtype=torch.float32):
     """The measured time's share of the roofline, in percent (100 = at the machine's ceiling)."""
     return 100.0 * floor_ms(flops, nbytes, ceilings, dtype) / measured_ms
+
+
+# --------------------------------------------------------------------------------------------------
+# The work of the fused layer (ActNorm + LU 1x1 conv) per mode
+
+LAYER_MODES = ("forward", "fwd+bwd", "inverse", "inverse fwd+bwd", "backward")
+# glow_ext's factored path (csrc/actnorm_invconv.cpp, use_factored_path): C above this and fewer
+# pixels than channels.
+FACTORED_MIN_C = 193
+
+
+def uses_factored_path(channels, pixels):
+    """Whether the op applies the triangular factors to the pixels instead of assembling W."""
+    return channels >= FACTORED_MIN_C and pixels < channels
+
+
+def layer_work(shape, mode, itemsize=4):
+    """{"flops", "bytes", "path"} of one call of the fused layer at shape (N, C, H, W) in `mode`.
+
+    The least work our algorithm needs, so that 100% of the roofline means a perfect implementation
+    of it (P = N·H·W pixels):
+
+    - Pixels: 2·C²·P flops per channel mix. forward and inverse do one (y = Wf·x + c; on the
+      factored path two triangular products or solves of C²·P each, the same count); the backward
+      adds two more: dL/dx = Wfᵀ·dL/dy and the weight gradient Σ dL/dy·xᵀ (the inverse op's
+      backward likewise: dL/dy = Wf⁻ᵀ·dL/dx and Σ dL/dy·xᵀ). "fwd+bwd" and "inverse fwd+bwd" are
+      the pass plus its backward, "backward" the forward op's backward alone.
+    - C×C algebra, only on the folded path (the factored path never forms W): assembling W = P·L·U'
+      from two triangular factors, 2C³/3; W⁻¹ = U'⁻¹·L⁻¹·Pᵀ, two triangular inverses (C³/3 each)
+      and a triangular product (2C³/3), 4C³/3; the backward's chain rule to L and U', two products
+      of a C×C matrix with a triangular factor, C³ each. Folding ActNorm into W adds O(C²).
+    - Element-wise O(C·P) work (the bias sums, ActNorm on the factored path) is left out: at most
+      1/C of a channel mix.
+    - Bytes: every image-sized tensor read or written once: x and y for a pass, plus dL/dy read, x
+      read again and dL/dx written for its backward; the parameters (2·C² + 3·C values and the
+      int64 permutation) read once per pass and their gradients written once per backward.
+
+    All flops count at the input dtype's GEMM rate, also where the op runs the C×C algebra in
+    float64 for accuracy: what that costs shows as lost roofline.
+    """
+    n, c, h, w = shape
+    pixels = n * h * w
+    factored = uses_factored_path(c, pixels)
+    mix = 2 * c * c * pixels
+    assembly, inversion, chain_rule = (0, 0, 0) if factored else (2 * c**3 / 3, 4 * c**3 / 3, 2 * c**3)
+    fold = 0 if factored else 4 * c * c
+    image = c * pixels * itemsize
+    params = (2 * c * c + 3 * c) * itemsize + 8 * c
+    grads = (2 * c * c + 3 * c) * itemsize
+    forward = (mix + assembly + fold, 2 * image + params)
+    inverse = (mix + inversion + fold, 2 * image + params)
+    backward = (2 * mix + chain_rule + fold, 3 * image + params + grads)
+    passes = {"forward": (forward,), "inverse": (inverse,), "backward": (backward,),
+              "fwd+bwd": (forward, backward), "inverse fwd+bwd": (inverse, backward)}[mode]
+    return {"flops": sum(f for f, _ in passes), "bytes": sum(b for _, b in passes),
+            "path": "factored" if factored else "folded"}

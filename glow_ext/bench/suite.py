@@ -8,8 +8,10 @@ JSON under --out as soon as it finishes (so a run cut short keeps the parts it f
            ... 2048 (powers of two and Glow's 12·2^k), forward and forward+backward, with the
            exponent of time ∝ C^k fitted on the large-C points -> logdet-<device>.json
   layers   ActNorm + 1x1 conv at the level shapes of Glow models for CIFAR-10, CelebA-64 and
-           CelebA-HQ-256: glow_ext.bench.ops's methods (ours, naive, LU layer, folded, copy) and
-           its agreement checks -> layers-<device>.json
+           CelebA-HQ-256: glow_ext.bench.ops's methods (ours, naive, LU layer, folded, copy), modes
+           (forward, fwd+bwd, inverse, inverse fwd+bwd) and agreement checks, ours' % of the
+           roofline (ceilings measured once per run), geomeans and shapes below 1.0x over all
+           level shapes, issue 9's targets -> layers-<device>.json
   e2e      one training step (forward + backward + Adam) and sampling of a whole Glow with the fused
            layers against the same model with naive layers, plus memory -> e2e-<device>.json
 
@@ -34,6 +36,7 @@ from .. import build_info, ops, reversible
 from . import methods as opbench
 from . import report as bench_report
 from .common import MALLOC_ENV, BenchError, geomean, report_header, synchronizer, time_methods
+from .ops import ceilings_of_run, print_ratio_summary, print_targets
 from .curves import (CURVE_MODES, CURVES, FIT_MIN_C, LOGDET_CHANNELS, QUICK_FIT_MIN_C,
                      QUICK_LOGDET_CHANNELS, run_curves)
 from ..models import Glow
@@ -122,7 +125,7 @@ def glow_level_shapes(image_size, L, batch, in_channels=3):
     return shapes
 
 
-def run_layers(device, models, settings, seed, progress, stream):
+def run_layers(device, models, settings, seed, progress, stream, quick=False):
     reps, min_time_ms, warmup = settings
     sync = synchronizer(device)
     report = {"methods": opbench.METHOD_DESCRIPTIONS, "models": {}}
@@ -141,16 +144,26 @@ def run_layers(device, models, settings, seed, progress, stream):
             entry["per_shape"][pb.label()] = {"level": level, "cond_W": pb.cond, "checks": errors}
             problems[(name, pb.label())] = pb
         report["models"][name] = entry
+    progress.task("layers: this machine's GEMM rates and copy bandwidth (the roofline's ceilings)")
+    report["ceilings"] = ceilings = ceilings_of_run(device, quick, stream)
     for (name, label), pb in problems.items():
         per_shape = report["models"][name]["per_shape"][label]
         results, ratios = opbench.time_problem(
-            pb, sync, reps, min_time_ms / 1e3, warmup,
+            pb, sync, reps, min_time_ms / 1e3, warmup, ceilings,
             on_mode=lambda mode: progress.task(f"layers {name} level {per_shape['level']} {label}: {mode}"))
         per_shape.update(results=results, ratios=ratios)
         opbench.print_shape_table(label, results, stream)
     for entry in report["models"].values():
         entry["geomeans"] = _geomeans(entry["per_shape"].values())
     report["geomeans_all"] = _geomeans(s for e in report["models"].values() for s in e["per_shape"].values())
+    # Over every level shape of every model (13 in the full run): issue 9's targets.
+    all_shapes = {label: s for e in report["models"].values() for label, s in e["per_shape"].items()}
+    report["ratio_summary_all"] = opbench.ratio_summary({k: s["ratios"] for k, s in all_shapes.items()})
+    report["targets"] = opbench.training_targets({k: s["results"] for k, s in all_shapes.items()},
+                                                 {k: s["ratios"] for k, s in all_shapes.items()})
+    print_ratio_summary(report["ratio_summary_all"], stream)
+    print_targets("issue 9's targets over the level shapes (evaluated, never fatal)", report["targets"],
+                  stream)
     if device == "cuda":
         report["cuda"] = _cuda_layer_extras(problems.values(), reps, min_time_ms / 1e3, warmup, seed)
     return report
@@ -364,7 +377,7 @@ def count_tasks(p, parts):
         total += len(p["channels"]) * (1 + len(CURVES) * len(CURVE_MODES))
     if "layers" in parts:
         levels = sum(spec["L"] for spec in p["models"].values())
-        total += levels * (1 + len(opbench.MODES))
+        total += levels * (1 + len(opbench.MODES)) + 1  # + the roofline's ceilings
     if "e2e" in parts:
         total += 3 * len(p["e2e"])
     return total
@@ -448,7 +461,7 @@ def run(args, stream=sys.stdout):
         if part == "logdet":
             body = run_curves(device, p["channels"], p["fit_min_c"], settings, args.seed, progress)
         elif part == "layers":
-            body = run_layers(device, p["models"], settings, args.seed, progress, stream)
+            body = run_layers(device, p["models"], settings, args.seed, progress, stream, args.quick)
         else:
             body = run_e2e(device, p["e2e"], settings, args.seed, progress)
         report = _header(device, args.quick, part, settings)
