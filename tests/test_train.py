@@ -107,6 +107,23 @@ def test_reversible_run_gives_the_ordinary_losses(tmp_path):
     assert config["reversible"] is True and config["dropout"] > 0
 
 
+def test_compiled_run_gives_the_eager_losses(tmp_path, capsys):
+    """--compile: the first step runs eagerly (ActNorm's init), the others through torch.compile of
+    model + loss; the losses are eager's up to float32 rounding of the fused reductions. Dropout
+    is off: compiled dropout draws other random numbers than eager."""
+    common = ["train", *TINY, "--dropout", "0", "--steps", "3", "--eval-every", "3"]
+    assert main([*common, "--out", str(tmp_path / "eager")]) == 0
+    assert main([*common, "--compile", "--out", str(tmp_path / "compiled")]) == 0
+    a, b = train_losses(tmp_path / "eager"), train_losses(tmp_path / "compiled")
+    assert sorted(a) == sorted(b) == [1, 2, 3]
+    for step in a:
+        assert abs(a[step] - b[step]) <= 1e-5 * abs(a[step]), (step, a[step], b[step])
+    assert json.loads((tmp_path / "compiled" / "config.json").read_text())["compile"] is True
+    capsys.readouterr()
+    assert main([*common, "--compile", "--reversible", "--out", str(tmp_path / "both")]) == 2
+    assert "--compile and --reversible" in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------------------------------
 # Resume
 
