@@ -17,6 +17,14 @@ the differentiable inverse op instead.
 
 `LogitGlow` puts RealNVP's logit preprocessing in front of a Glow, as one more invertible layer
 whose log-Jacobian is counted in the density (the trainer's --logit-alpha).
+
+`CompiledAfterInit` runs a Glow (or anything holding one, e.g. a loss module) under
+torch.compile(fullgraph=True) once its ActNorm layers have initialised from data; the fast training
+set-up is
+
+    flow = CompiledAfterInit(model)           # model = Glow(...) or LogitGlow(...)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+    loss = -flow(x).log_prob.mean()           # or any loss of the GlowOutput
 """
 import math
 from typing import List, NamedTuple, Optional
@@ -28,7 +36,7 @@ from .nn import (COUPLINGS, PERMUTATIONS, ActNorm2d, ActNormInvConv2d, FlowStep,
                  gaussian_log_prob, gaussian_sample, squeeze2d, unsqueeze2d)
 from .reversible import reversible_steps
 
-__all__ = ["Glow", "GlowOutput", "GlowLevel", "LogitGlow"]
+__all__ = ["Glow", "GlowOutput", "GlowLevel", "LogitGlow", "CompiledAfterInit"]
 
 
 class GlowOutput(NamedTuple):
@@ -376,3 +384,33 @@ class LogitGlow(nn.Module):
     @torch.no_grad()
     def sample(self, n: int, temperature: float = 1.0, y=None) -> torch.Tensor:
         return self.from_logit(self.flow.sample(n, temperature, y))
+
+
+class CompiledAfterInit(nn.Module):
+    """`module` (a Glow, a LogitGlow, or a loss module holding one) called through
+    torch.compile(fullgraph=True) once every ActNorm inside it has initialised, and eagerly before:
+    the data-dependent initialisation reads its batch on the host, which cannot be traced. The
+    compiled forward has no graph break (the custom ops have fake kernels) and its backward runs
+    through AOTAutograd. `module` keeps its parameters; this wrapper adds none (its state_dict is
+    the module's under "module."). Reversible backprop runs eagerly, so a Glow with
+    reversible=True is refused."""
+
+    def __init__(self, module: nn.Module, **compile_options):
+        super().__init__()
+        if any(getattr(m, "reversible", False) for m in module.modules() if isinstance(m, Glow)):
+            raise ValueError("reversible backprop runs eagerly: CompiledAfterInit needs a Glow "
+                             "with reversible=False")
+        self.module = module
+        self._actnorms = [m for m in module.modules() if isinstance(m, (ActNorm2d, ActNormInvConv2d))]
+        # Kept out of the module tree: the compiled wrapper holds the same parameters.
+        self.__dict__["_compiled"] = torch.compile(module, fullgraph=True, **compile_options)
+
+    @property
+    def compiled(self) -> bool:
+        """Whether the next call runs the compiled module."""
+        return all(layer._initialized for layer in self._actnorms)
+
+    def forward(self, *args, **kwargs):
+        if self.compiled:
+            return self._compiled(*args, **kwargs)
+        return self.module(*args, **kwargs)

@@ -389,6 +389,10 @@ class CouplingNN(nn.Module):
         if x.shape[2] == 0 or x.shape[3] == 0:
             # conv2d refuses a 0-pixel-high or -wide input (padded, it is smaller than the kernel).
             return x.new_zeros((x.shape[0], self.out_channels, x.shape[2], x.shape[3]))
+        if x.device.type == "cpu":
+            # oneDNN's convolutions run faster on channels-last (NHWC) data: a whole K=8, L=3,
+            # width-128 training step took 205 ms against 232 ms (1 thread, medians of 11).
+            x = x.contiguous(memory_format=torch.channels_last)
         return self.net(x)
 
 

@@ -107,6 +107,23 @@ def test_reversible_run_gives_the_ordinary_losses(tmp_path):
     assert config["reversible"] is True and config["dropout"] > 0
 
 
+def test_compiled_run_gives_the_eager_losses(tmp_path, capsys):
+    """--compile: the first step runs eagerly (ActNorm's init), the others through torch.compile of
+    model + loss; the losses are eager's up to float32 rounding of the fused reductions. Dropout
+    is off: compiled dropout draws other random numbers than eager."""
+    common = ["train", *TINY, "--dropout", "0", "--steps", "3", "--eval-every", "3"]
+    assert main([*common, "--out", str(tmp_path / "eager")]) == 0
+    assert main([*common, "--compile", "--out", str(tmp_path / "compiled")]) == 0
+    a, b = train_losses(tmp_path / "eager"), train_losses(tmp_path / "compiled")
+    assert sorted(a) == sorted(b) == [1, 2, 3]
+    for step in a:
+        assert abs(a[step] - b[step]) <= 1e-5 * abs(a[step]), (step, a[step], b[step])
+    assert json.loads((tmp_path / "compiled" / "config.json").read_text())["compile"] is True
+    capsys.readouterr()
+    assert main([*common, "--compile", "--reversible", "--out", str(tmp_path / "both")]) == 2
+    assert "--compile and --reversible" in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------------------------------
 # Resume
 
@@ -293,6 +310,9 @@ def test_torchrun_ranks_stop_together_on_a_signal_to_one(tmp_path):
 OLD_EMA_CHECKPOINT = ROOT / "tests" / "fixtures" / "ema-v1-checkpoint.pt"
 OLD_RESUMED_LOSSES = {5: 3.191826820373535, 6: 3.2070200443267822, 7: 3.2153220176696777}
 OLD_RESUMED_TEST_BPD = 3.1711027349285805
+# Since these were logged the coupling networks run channels-last on the CPU and Adam is fused: both
+# round differently in float32 (step 5 came out 1.2e-5 relative off), so "as before" is within 1e-4.
+OLD_RESUMED_RTOL = 1e-4
 
 
 def test_a_checkpoint_with_the_old_ema_format_loads_and_resumes_as_before(tmp_path):
@@ -315,10 +335,10 @@ def test_a_checkpoint_with_the_old_ema_format_loads_and_resumes_as_before(tmp_pa
     losses = train_losses(run)
     assert sorted(losses) == [5, 6, 7]
     for step, expected in OLD_RESUMED_LOSSES.items():
-        assert abs(losses[step] - expected) <= 1e-5 * expected, (step, losses[step], expected)
+        assert abs(losses[step] - expected) <= OLD_RESUMED_RTOL * expected, (step, losses[step], expected)
     test = read_metrics(run, "test")
     assert [m["step"] for m in test] == [7]
-    assert abs(test[0]["bpd"] - OLD_RESUMED_TEST_BPD) <= 1e-5 * OLD_RESUMED_TEST_BPD, test[0]["bpd"]
+    assert abs(test[0]["bpd"] - OLD_RESUMED_TEST_BPD) <= OLD_RESUMED_RTOL * OLD_RESUMED_TEST_BPD, test[0]["bpd"]
     # What it writes now is AveragedModel's state, and that resumes too.
     assert "n_averaged" in gtrain.load_checkpoint(run / "checkpoint.pt")["ema"]
     assert main(["train", "--resume", "--out", str(run), "--steps", "8"]) == 0

@@ -53,7 +53,7 @@ def render(out_dir, device, readme=None):
         require_roofline(reports["layers"], out_dir / f"layers-{device}.json",
                          "glow-ext bench --parts layers")
     files, plots = [], []
-    for part, draw in (("logdet", plot_curves), ("layers", plot_layers)):
+    for part, draw in (("logdet", plot_curves), ("layers", plot_layers), ("e2e", plot_e2e)):
         if part in reports:
             try:
                 files.append(draw(reports[part], out_dir / f"{part}-{device}.png"))
@@ -310,44 +310,9 @@ def ops_markdown(report, link):
 
 
 def e2e_markdown(report, prefix):
-    cuda = report["device"] == "cuda"
-    lines = [
-        f"**One Glow training step and sampling** ({_machine(report)}, {_when(report)}; "
-        f"`{prefix}e2e-{report['device']}.json`). 3x32x32 images, affine coupling, Adam; ours = "
-        "the fused layer in every step, naive = ActNorm2d + dense InvConv2d (slogdet in float64), "
-        "both with the same weights; floor = the same network with a channel reversal instead of the "
-        "1x1 conv (ActNorm kept); 1x1 share = 1 − floor time / time, what the 1x1 conv adds to a "
-        "step. Step times are median ± interquartile range. Sampling at T = 0.7. Memory: bytes autograd saves for one backward"
-        + (", and the peak allocated over one training step." if cuda else "."),
-        "",
-        "| config | train step ms: ours | naive | floor | train img/s: ours | naive | speed-up "
-        "| 1x1 share: ours | naive | sampling img/s: ours | naive | speed-up "
-        "| saved for backward MB: ours | naive |" + (" peak step MB: ours | naive |" if cuda else ""),
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if cuda else ""),
-    ]
-    for c in report["configs"]:
-        ips, mem, share, step = c["images_per_s"], c["memory"], c["invconv_share"]["train"], c["train_step"]
-        cells = [f"K={c['K']} L={c['L']} width {c['hidden']} batch {c['batch']}"]
-        cells += [f"{_ms(step[m]['median_ms'])} ± {_ms(step[m]['iqr_ms'])}" for m in ("ours", "naive", "floor")]
-        cells += [f"{ips['train']['ours']:.1f}", f"{ips['train']['naive']:.1f}", _x(ips["train"]["ratio"])]
-        cells += [f"{100 * share['ours']:.0f}%", f"{100 * share['naive']:.0f}%"]
-        cells += [f"{ips['sample']['ours']:.1f}", f"{ips['sample']['naive']:.1f}", _x(ips["sample"]["ratio"])]
-        cells += [f"{mem['saved_for_backward_bytes'][m] / 2**20:.1f}" for m in ("ours", "naive")]
-        if cuda:
-            cells += [f"{mem['cuda_peak_step_bytes'][m] / 2**20:.0f}" for m in ("ours", "naive")]
-        lines.append("| " + " | ".join(cells) + " |")
-    if cuda:
-        lines.append("")
-        for c in report["configs"]:
-            sync = c["host_sync_free"]
-            lines.append(f"Host synchronisation in a training step ({c['name']}; torch.cuda.set_sync_debug_mode"
-                         "('error')): " + "; ".join(
-                             f"{m} " + ("none" if r["train_step"] else f"yes, first: {r['first_sync']}")
-                             for m, r in sync.items()) + ".")
-    else:
-        lines += ["", "The paper's CIFAR-10 model is K=32, L=3, width 512 at batch 64; on a CPU the "
-                      "batch is 16 and the width-128 model is the scaled-down case."]
-    return lines
+    from . import e2e
+
+    return e2e.markdown(report, prefix, _machine(report), _when(report))
 
 
 def summary_markdown(reports, device, link_prefix="", plots=("logdet", "layers")):
@@ -376,6 +341,8 @@ def summary_markdown(reports, device, link_prefix="", plots=("logdet", "layers")
         lines.append("")
     if "e2e" in reports:
         lines += e2e_markdown(reports["e2e"], link_prefix)
+        if "e2e" in plots:
+            lines += ["", f"![end to end]({link_prefix}e2e-{device}.png)"]
     return "\n".join(lines).rstrip()
 
 
@@ -406,14 +373,9 @@ def part_digest(part, report):
             lines.append(f"ours forward {bw['ours_forward_gbps']:.0f} GB/s vs copy {bw['copy_gbps']:.0f} GB/s; "
                          f"host-sync check {'PASS' if report['cuda']['sync_check_passed'] else 'FAIL'}")
     else:
-        lines = [f"{c['name']}: train {c['images_per_s']['train']['ours']:.1f} vs "
-                 f"{c['images_per_s']['train']['naive']:.1f} img/s ({_x(c['images_per_s']['train']['ratio'])}), "
-                 f"sampling {_x(c['images_per_s']['sample']['ratio'])}, 1x1 share of a step "
-                 f"{100 * c['invconv_share']['train']['ours']:.0f}% vs "
-                 f"{100 * c['invconv_share']['train']['naive']:.0f}%, saved for backward "
-                 f"{c['memory']['saved_for_backward_bytes']['ours'] / 2**20:.1f} vs "
-                 f"{c['memory']['saved_for_backward_bytes']['naive'] / 2**20:.1f} MB"
-                 for c in report["configs"]]
+        from . import e2e
+
+        lines = e2e.digest(report)
     return "\n".join(f"{part}: {line}" for line in lines)
 
 
@@ -499,6 +461,12 @@ def _minor_ratio_label(value, _):
         return ""
     leading = round(value / 10 ** math.floor(math.log10(value)))
     return f"{value:g}x" if leading in (2, 5) else ""
+
+
+def plot_e2e(report, path):
+    from . import e2e
+
+    return e2e.plot(report, path, _pyplot)
 
 
 def plot_layers(report, path):

@@ -12,8 +12,9 @@ JSON under --out as soon as it finishes (so a run cut short keeps the parts it f
            (forward, fwd+bwd, inverse, inverse fwd+bwd) and agreement checks, ours' % of the
            roofline (ceilings measured once per run), geomeans and shapes below 1.0x over all
            level shapes, issue 9's targets -> layers-<device>.json
-  e2e      one training step (forward + backward + Adam) and sampling of a whole Glow with the fused
-           layers against the same model with naive layers, plus memory -> e2e-<device>.json
+  e2e      one training step (forward + backward + Adam) and sampling of a whole Glow: ours eager,
+           compiled, with naive layers, and the rosinality-style model; roofline fractions and
+           memory (glow_ext.bench.e2e) -> e2e-<device>.json
 
 Part 1 lives in glow_ext.bench.curves, the timing helpers in glow_ext.bench.common. Then
 glow_ext.bench.report draws logdet-<device>.png and layers-<device>.png, writes the tables to
@@ -32,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from .. import build_info, ops, reversible
+from .. import build_info, ops
 from . import methods as opbench
 from . import report as bench_report
 from .common import MALLOC_ENV, BenchError, geomean, report_header, synchronizer, time_methods
@@ -40,7 +41,8 @@ from .ops import ceilings_of_run, print_ratio_summary, print_targets
 from .curves import (CURVE_MODES, CURVES, FIT_MIN_C, LOGDET_CHANNELS, QUICK_FIT_MIN_C,
                      QUICK_LOGDET_CHANNELS, run_curves)
 from ..models import Glow
-from ..nn import FlowStep
+from .e2e import CONFIGS as E2E_CONFIGS, QUICK_CONFIGS as QUICK_E2E_CONFIGS
+from .e2e import TOL as E2E_TOL, check_glow_pair, naive_state_from_lu, run_e2e  # noqa: F401
 
 PARTS = ("logdet", "layers", "e2e")
 DEFAULT_OUT_DIR = Path("benchmarks/results")
@@ -53,26 +55,10 @@ GLOW_MODELS = {
 }
 QUICK_GLOW_MODELS = {"cifar10": {"image_size": 32, "L": 3, "batch": 16}}
 
-# 3. End to end: Glow on 3x32x32 images (CIFAR-10's), affine coupling, Adam. The paper's model is
-# K=32, L=3, width 512; on a CPU the width-128 model is the scaled-down main case.
-E2E_CONFIGS = {
-    "cpu": ({"name": "cifar10 K32 w128 b16", "K": 32, "L": 3, "hidden": 128, "batch": 16},
-            {"name": "cifar10 K32 w512 b16", "K": 32, "L": 3, "hidden": 512, "batch": 16}),
-    "cuda": ({"name": "cifar10 K32 w512 b64", "K": 32, "L": 3, "hidden": 512, "batch": 64},),
-}
-QUICK_E2E_CONFIGS = ({"name": "cifar10 K2 w16 b4", "K": 2, "L": 3, "hidden": 16, "batch": 4},)
-E2E_IMAGE = (3, 32, 32)
-# ours and naive hold the same weights; floor is the same network without a 1x1 conv (ActNorm and a
-# channel reversal), the time everything else takes.
-E2E_MODELS = (("ours", "invconv_lu"), ("naive", "invconv"), ("floor", "reverse"))
-E2E_TOL = 1e-3
-SAMPLE_TEMPERATURE = 0.7
-N_BINS = 256
-
 # Timing settings per part: (reps, min_time_ms, warmup). Curves and whole models take long per call,
 # so fewer repetitions; every call still sits inside a calibrated block of >= min_time.
 SETTINGS = {
-    "full": {"logdet": (9, 5.0, 2), "layers": (15, 5.0, 5), "e2e": (7, 5.0, 2)},
+    "full": {"logdet": (9, 5.0, 2), "layers": (15, 5.0, 5), "e2e": (11, 5.0, 2)},
     "quick": {"logdet": (3, 1.0, 1), "layers": (3, 1.0, 1), "e2e": (3, 1.0, 1)},
 }
 
@@ -186,174 +172,6 @@ def _cuda_layer_extras(problems, reps, min_time_s, warmup, seed):
     return {"bandwidth": opbench.cuda_bandwidth(opbench.CUDA_BANDWIDTH_SHAPE, reps, min_time_s, warmup, seed),
             "sync_check": sync_checks,
             "sync_check_passed": all(r["passed"] for s in sync_checks.values() for r in s.values())}
-
-
-# --------------------------------------------------------------------------------------------------
-# 3. End to end
-
-
-def naive_state_from_lu(lu_model, naive_model):
-    """A state_dict for the naive model (ActNorm2d + InvConv2d per step) holding the fused model's
-    weights: W assembled from each step's LU factors, ActNorm copied, the rest copied by name."""
-    source = lu_model.state_dict()
-    state = {}
-    for name, step in lu_model.named_modules():
-        if isinstance(step, FlowStep):
-            fused = step.permute
-            state[f"{name}.actnorm.bias"] = fused.bias.detach().clone()
-            state[f"{name}.actnorm.logs"] = fused.logs.detach().clone()
-            state[f"{name}.actnorm.initialized"] = fused.initialized.clone()
-            state[f"{name}.permute.weight"] = fused.weight().detach().to(fused.lower.dtype)
-    for key in naive_model.state_dict():
-        if key not in state:
-            state[key] = source[key]
-    return state
-
-
-def _bpd_loss(model, x):
-    return model.bits_per_dim(x, N_BINS).mean()
-
-
-def _sample(model, n, seed):
-    torch.manual_seed(seed)
-    return model.sample(n, temperature=SAMPLE_TEMPERATURE)
-
-
-def check_glow_pair(lu, naive, x, seed):
-    """The two models hold the same weights: bits/dim, gradients of shared parameters and samples
-    (same seed) must agree."""
-    errors, failures = {}, []
-
-    def record(key, value):
-        errors[key] = value
-        if not value < E2E_TOL:
-            failures.append(f"{key}: relative error {value:.3g} >= {E2E_TOL:g}")
-
-    with torch.no_grad():
-        record("bits_per_dim", opbench.rel_err(naive.bits_per_dim(x, N_BINS), lu.bits_per_dim(x, N_BINS)))
-    for model in (lu, naive):
-        model.zero_grad(set_to_none=True)
-        _bpd_loss(model, x).backward()
-    naive_params = dict(naive.named_parameters())
-    shared = [(n, p) for n, p in lu.named_parameters() if n in naive_params]
-    # One error over all shared gradients: in float32 a deep coupling net's tiny gradients carry
-    # round-off of a few % of their own size (in float64 every one agrees to 1e-14).
-    record("grad_shared_parameters", opbench.rel_err(
-        torch.cat([naive_params[n].grad.flatten() for n, _ in shared]),
-        torch.cat([p.grad.flatten() for _, p in shared])))
-    for model in (lu, naive):
-        model.zero_grad(set_to_none=True)
-    record("sample", opbench.rel_err(_sample(naive, x.shape[0], seed), _sample(lu, x.shape[0], seed)))
-    if failures:
-        raise BenchError("end to end: the fused and the naive Glow disagree:\n  " + "\n  ".join(failures))
-    errors["shared_parameters"] = len(shared)
-    return errors
-
-
-def _train_step(model, optimizer, x):
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        _bpd_loss(model, x).backward()
-        optimizer.step()
-    return step
-
-
-def _cuda_peak_bytes(step):
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    step()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - base
-
-
-def _host_sync_free(fn):
-    """(True, None) if fn runs without a host synchronisation, else (False, the first one's message)."""
-    previous = torch.cuda.get_sync_debug_mode()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        fn()
-        return True, None
-    except RuntimeError as error:
-        return False, str(error).strip().splitlines()[0][:300]
-    finally:
-        torch.cuda.set_sync_debug_mode(previous)
-        torch.cuda.synchronize()
-
-
-def run_e2e_config(config, device, settings, seed, progress):
-    reps, min_time_ms, warmup = settings
-    sync = synchronizer(device)
-    label = config["name"]
-    models = {}
-    for method, permutation in E2E_MODELS:
-        torch.manual_seed(seed)
-        models[method] = Glow(in_channels=E2E_IMAGE[0], image_size=E2E_IMAGE[1], K=config["K"],
-                              L=config["L"], hidden_channels=config["hidden"], coupling="affine",
-                              permutation=permutation).to(device)
-    lu, naive = models["ours"], models["naive"]
-    gen = torch.Generator().manual_seed(seed)
-    x = (torch.rand((config["batch"],) + E2E_IMAGE, generator=gen) - 0.5).to(device)
-
-    progress.task(f"e2e {label}: ActNorm init, one Adam step, agreement check")
-    for model in models.values():
-        model.train()
-    with torch.no_grad():
-        lu(x)  # data-dependent ActNorm init
-        models["floor"](x)
-    # One step so that the zero-initialised convs are not zero and the check has something to check.
-    optimizer = torch.optim.Adam(lu.parameters(), lr=1e-3)
-    _train_step(lu, optimizer, x)()
-    naive.load_state_dict(naive_state_from_lu(lu, naive))
-    checks = check_glow_pair(lu, naive, x, seed)
-
-    # A tiny learning rate keeps the weights (and so the work) the same through the timed steps.
-    optimizers = {m: torch.optim.Adam(models[m].parameters(), lr=1e-6) for m in models}
-    steps = {m: _train_step(models[m], optimizers[m], x) for m in models}
-    memory = {"saved_for_backward_bytes": {
-        m: reversible.saved_tensor_bytes(_bpd_loss, models[m], x)[1] for m in models}}
-    if device == "cuda":
-        for step in steps.values():
-            step()  # optimizer state allocated before the peak is measured
-        memory["cuda_peak_step_bytes"] = {m: _cuda_peak_bytes(steps[m]) for m in models}
-
-    progress.task(f"e2e {label}: training step (forward + backward + Adam), ours, naive, floor")
-    train = time_methods(steps, sync, reps, min_time_ms / 1e3, warmup, grad_mode=True)
-    progress.task(f"e2e {label}: sampling {config['batch']} images at T={SAMPLE_TEMPERATURE}")
-    sample = time_methods({m: (lambda m=m: models[m].sample(config["batch"], SAMPLE_TEMPERATURE))
-                           for m in models}, sync, reps, min_time_ms / 1e3, warmup, grad_mode=False)
-    ips, conv_share = {}, {}
-    for kind, res in (("train", train), ("sample", sample)):
-        ips[kind] = {m: config["batch"] / (res[m]["median_ms"] / 1e3) for m in models}
-        ips[kind]["ratio"] = ips[kind]["ours"] / ips[kind]["naive"]
-        # The part of the time that the 1x1 conv adds over the floor model (which keeps ActNorm).
-        conv_share[kind] = {m: 1 - res["floor"]["median_ms"] / res[m]["median_ms"] for m in ("ours", "naive")}
-    entry = dict(config, image=list(E2E_IMAGE), coupling="affine", optimizer="Adam",
-                 parameters={m: sum(p.numel() for p in models[m].parameters()) for m in models},
-                 checks=checks, train_step=train, sample=sample, images_per_s=ips,
-                 invconv_share=conv_share, memory=memory)
-    if device == "cuda":
-        entry["host_sync_free"] = {}
-        for m in models:
-            free, message = _host_sync_free(steps[m])
-            entry["host_sync_free"][m] = {"train_step": free, "first_sync": message}
-    return entry
-
-
-def run_e2e(device, configs, settings, seed, progress):
-    return {"configs": [run_e2e_config(c, device, settings, seed, progress) for c in configs],
-            "methods": {"ours": "Glow(permutation='invconv_lu'): the fused ActNormInvConv2d per step",
-                        "naive": "Glow(permutation='invconv'): ActNorm2d + InvConv2d (dense W, slogdet "
-                                 "in float64 per call, float64 inverse when sampling)",
-                        "floor": "Glow(permutation='reverse'): ActNorm2d + channel reversal, no 1x1 conv "
-                                 "(not checked against the others: a different model, timed as the floor)"},
-            "invconv_share_note": "1 - floor time / model time: the share of a step that the 1x1 "
-                                  "conv adds over the floor model (which keeps ActNorm)",
-            "memory_note": "saved_for_backward_bytes: distinct storages autograd keeps for the backward "
-                           "of one loss (glow_ext.reversible.saved_tensor_bytes, parameters included); "
-                           "deterministic, and the CPU measure (process RSS is not per model). "
-                           "cuda_peak_step_bytes: torch.cuda.max_memory_allocated over one training "
-                           "step, above what was allocated before it."}
 
 
 # --------------------------------------------------------------------------------------------------

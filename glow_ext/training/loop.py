@@ -42,6 +42,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ..models import CompiledAfterInit
 from . import data as gdata
 from .checkpoint import (CHECKPOINT_FORMAT, MetricsLog, atomic_save, atomic_write_text,
                          load_checkpoint, rng_state, set_rng_state, truncate_metrics, write_error)
@@ -180,6 +181,8 @@ class Trainer:
 
     def wrap_objective(self) -> None:
         self.objective = Objective(self.model, self.n_bins, self.config["class_weight"])
+        if self.config.get("compile"):
+            self.objective = CompiledAfterInit(self.objective)
         if self.ctx.active:
             from torch.nn.parallel import DistributedDataParallel
 
@@ -269,7 +272,7 @@ class Trainer:
                  f"{self.device}{f' x {ctx.world_size} processes' if ctx.active else ''}; Glow "
                  f"K={config['K']} L={config['L']} hidden={config['hidden']} {config['coupling']} "
                  f"{config['permutation']}{' conditional' if self.n_classes else ''}"
-                 f"{' reversible' if config['reversible'] else ''}: {self.n_params:,} parameters; "
+                 f"{' reversible' if config['reversible'] else ''}{' compiled' if config.get('compile') else ''}: {self.n_params:,} parameters; "
                  f"steps {self.step} -> {self.steps_total} ({self.steps_per_epoch} per epoch), batch "
                  f"{self.batch_size}, {config['optimizer']} lr {config['lr']}")
 

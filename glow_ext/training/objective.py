@@ -68,12 +68,19 @@ def make_optimizer(config: dict, model: nn.Module) -> torch.optim.Optimizer:
     groups = [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
     lr = config["lr"]
     if config["optimizer"] == "adam":
-        return torch.optim.Adam(groups, lr=lr)
+        return adam(groups, lr=lr)
     if config["optimizer"] == "adamw":
-        return torch.optim.AdamW(groups, lr=lr)
+        return torch.optim.AdamW(groups, lr=lr, fused=True)
     if config["optimizer"] == "adamax":
         return torch.optim.Adamax(groups, lr=lr)
     return torch.optim.SGD(groups, lr=lr, momentum=0.9)
+
+
+def adam(params, lr: float) -> torch.optim.Adam:
+    """Adam on its fused implementation (one kernel over every parameter, CPU and CUDA): a Glow has
+    ~300 parameter tensors, and the default per-tensor loop on the CPU took 19.5 ms a step against
+    6.9 ms fused (foreach 16.3 ms) for K=8, L=3, width 128 (1 thread, medians of 30)."""
+    return torch.optim.Adam(params, lr=lr, fused=True)
 
 
 def add_coupling_dropout(model: nn.Module, p: float) -> int:
