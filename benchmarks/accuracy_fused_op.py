@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Float32 error of the fused ActNorm + LU 1x1 op against a float64 reference (issue 9, item 5), next
-to plain float32 PyTorch in the "folded" form (benchmarks/bench_fused_training.py), at C = 12..1024.
+to plain float32 PyTorch in issue 9's "folded" form (glow_ext.bench.methods.folded_forward), at
+C = 12..1024.
 
 Per C, on 16 x C x 8 x 8 inputs with the LU factors of a perturbed random rotation
 (glow_ext.bench.methods.Problem): the forward output's error max|Δ| / max|y|; the gradient error,
@@ -23,7 +24,6 @@ if (HERE.parent / "glow_ext" / "__init__.py").is_file():
 
 from glow_ext import reference  # noqa: E402
 from glow_ext.bench import methods as mb  # noqa: E402
-from bench_fused_training import issue_folded_forward  # noqa: E402
 
 CHANNELS = (12, 24, 48, 96, 192, 384, 512, 1024)
 
@@ -58,7 +58,7 @@ def measure(c):
     pb = mb.Problem((16, c, 8, 8), "cpu", seed=0)
     y64, exact = forward_and_grads(reference_forward, pb, torch.float64)
     row = {}
-    for name, fn in (("ours", mb.ours_forward), ("folded", issue_folded_forward)):
+    for name, fn in (("ours", mb.ours_forward), ("folded", mb.folded_forward)):
         y, grads = forward_and_grads(fn, pb, torch.float32)
         row[f"{name}_forward"] = float((y.double() - y64).abs().max() / y64.abs().max())
         row[f"{name}_grad"] = worst_grad_error(grads, exact)
