@@ -10,17 +10,24 @@ from glow_ext.bench import anchor_y0ast as y0
 from conftest import assert_rel_close
 
 
-def _pair(seed=0):
+def _initialised_pair(make_model, compat_layers, seed, dtype):
+    """An original-layer model, ActNorm-initialised and perturbed, and the same weights in a model
+    with the compat layers."""
     torch.manual_seed(seed)
-    original = ros.RosinalityGlow(3, 2, 2, 16)
-    compat = ros.RosinalityGlow(3, 2, 2, 16, layers=ros.compat_layers())
-    x = torch.rand(4, 3, 8, 8) - 0.5
+    original = make_model().to(dtype)
+    compat = make_model(layers=compat_layers).to(dtype)
+    x = torch.rand(4, 3, 8, 8, dtype=dtype) - 0.5
     original(x)  # data-dependent ActNorm init
     with torch.no_grad():  # make the zero-initialised convs non-trivial
         for p in original.parameters():
             p.add_(0.05 * torch.randn_like(p))
     compat.load_state_dict(original.state_dict(), strict=True)
     return original, compat, x
+
+
+def _pair(seed=0):
+    return _initialised_pair(lambda **kw: ros.RosinalityGlow(3, 2, 2, 16, **kw), ros.compat_layers(),
+                             seed, torch.float32)
 
 
 def test_original_and_compat_layers_agree():
@@ -64,16 +71,8 @@ def test_z_shapes_match_the_forward():
 
 
 def _y0ast_pair(seed=0, dtype=torch.float32):
-    torch.manual_seed(seed)
-    original = y0.Y0astGlow((8, 8, 3), 16, 2, 2).to(dtype)
-    compat = y0.Y0astGlow((8, 8, 3), 16, 2, 2, layers=y0.compat_layers()).to(dtype)
-    x = torch.rand(4, 3, 8, 8, dtype=dtype) - 0.5
-    original(x)  # data-dependent ActNorm init
-    with torch.no_grad():  # make the zero-initialised convs non-trivial
-        for p in original.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    compat.load_state_dict(original.state_dict(), strict=True)
-    return original, compat, x
+    return _initialised_pair(lambda **kw: y0.Y0astGlow((8, 8, 3), 16, 2, 2, **kw), y0.compat_layers(),
+                             seed, dtype)
 
 
 def test_y0ast_state_dicts_have_the_same_keys_shapes_and_dtypes():

@@ -171,6 +171,16 @@ class InvertibleConv1x1(nn.Module):
         return output, logdet
 
 
+def _kernel_and_padding(kernel_size, padding):
+    """(kernel_size as a pair, padding) with the original's 'same' / 'valid' padding names resolved."""
+    kernel_size = (kernel_size,) * 2 if isinstance(kernel_size, int) else tuple(kernel_size)
+    if padding == "same":
+        return kernel_size, tuple(k // 2 for k in kernel_size)
+    if padding == "valid":
+        return kernel_size, 0
+    return kernel_size, padding
+
+
 class Conv2d(nn.Module):
     """The coupling network's conv: 'same' zero padding, no bias, N(0, weight_std²) weights, then
     ActNorm2d (do_actnorm=True; else the conv has a bias). Params `conv.weight` and `actnorm.bias`,
@@ -183,11 +193,7 @@ class Conv2d(nn.Module):
     def __init__(self, in_channels, out_channels, kernel_size=(3, 3), stride=(1, 1), padding="same",
                  do_actnorm=True, weight_std=0.05):
         super().__init__()
-        kernel_size = (kernel_size,) * 2 if isinstance(kernel_size, int) else tuple(kernel_size)
-        if padding == "same":
-            padding = tuple(k // 2 for k in kernel_size)
-        elif padding == "valid":
-            padding = 0
+        kernel_size, padding = _kernel_and_padding(kernel_size, padding)
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding,
                               bias=not do_actnorm)
         self.conv.weight.data.normal_(mean=0.0, std=weight_std)
@@ -215,11 +221,7 @@ class Conv2dZeros(nn.Module):
     def __init__(self, in_channels, out_channels, kernel_size=(3, 3), stride=(1, 1), padding="same",
                  logscale_factor=3):
         super().__init__()
-        kernel_size = (kernel_size,) * 2 if isinstance(kernel_size, int) else tuple(kernel_size)
-        if padding == "same":
-            padding = tuple(k // 2 for k in kernel_size)
-        elif padding == "valid":
-            padding = 0
+        kernel_size, padding = _kernel_and_padding(kernel_size, padding)
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding)
         self.conv.weight.data.zero_()
         self.conv.bias.data.zero_()
