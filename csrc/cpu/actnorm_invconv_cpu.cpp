@@ -78,6 +78,12 @@ GLOW_HD void mix_pixels(const MixArgs<scalar_t>& a, const scalar_t* x, scalar_t*
     math::mix_rows<kRows>(a.weight + i * C, C, a.offset + i, load, out);
     for (int r = 0; r < kRows; ++r) __builtin_memcpy(y + (i + r) * a.pixels, &out[r], sizeof(lane_t));
   }
+  // The rest in blocks of 4, then 1: one row at a time is a single FMA chain, latency-bound
+  // (C = 12 would spend as long on its last 4 rows as on the first 8).
+  for (; i + kRows / 2 <= C; i += kRows / 2) {
+    math::mix_rows<kRows / 2>(a.weight + i * C, C, a.offset + i, load, out);
+    for (int r = 0; r < kRows / 2; ++r) __builtin_memcpy(y + (i + r) * a.pixels, &out[r], sizeof(lane_t));
+  }
   for (; i < C; ++i) {
     math::mix_rows<1>(a.weight + i * C, C, a.offset + i, load, out);
     __builtin_memcpy(y + i * a.pixels, &out[0], sizeof(lane_t));
