@@ -326,14 +326,22 @@ at::Tensor channel_mix_cpu(const at::Tensor& x, const ChannelMap& map) {
   return y;
 }
 
+// The parameters in contiguous storage, for the small-C loops that index them directly.
+struct ContiguousParams {
+  at::Tensor bias, logs, perm, lower, upper, log_s, sign_s;
+};
+
+ContiguousParams contiguous_params(const LUParams& p) {
+  return {p.bias.contiguous(),  p.logs.contiguous(),  p.perm.contiguous(), p.lower.contiguous(),
+          p.upper.contiguous(), p.log_s.contiguous(), p.sign_s.contiguous()};
+}
+
 // Wf[i][j] = W[i][j]·exp(logs[j]) and c = Wf·bias straight from the LU factors, one small loop
 // instead of the ~10 ATen launches of the generic assembly.
 bool fold_forward_small_cpu(const LUParams& p, at::ScalarType acc_dtype, ChannelMap& out) {
   const int64_t C = p.bias.size(0);
   if (C > kSmallFoldMaxChannels || p.bias.scalar_type() != acc_dtype) return false;
-  const auto bias = p.bias.contiguous(), logs = p.logs.contiguous(), perm = p.perm.contiguous();
-  const auto lower = p.lower.contiguous(), upper = p.upper.contiguous();
-  const auto log_s = p.log_s.contiguous(), sign_s = p.sign_s.contiguous();
+  const auto [bias, logs, perm, lower, upper, log_s, sign_s] = contiguous_params(p);
   out.weight = at::empty({C, C}, bias.options());
   out.offset = at::empty({C}, bias.options());
   AT_DISPATCH_FLOATING_TYPES(acc_dtype, "glow_ext_fold_forward_cpu", [&] {
@@ -368,9 +376,7 @@ bool fold_forward_small_cpu(const LUParams& p, at::ScalarType acc_dtype, Channel
 bool fold_inverse_small_cpu(const LUParams& p, at::ScalarType acc_dtype, ChannelMap& out) {
   const int64_t C = p.bias.size(0);
   if (C > kSmallFoldMaxChannels || p.bias.scalar_type() != acc_dtype) return false;
-  const auto bias = p.bias.contiguous(), logs = p.logs.contiguous(), perm = p.perm.contiguous();
-  const auto lower = p.lower.contiguous(), upper = p.upper.contiguous();
-  const auto log_s = p.log_s.contiguous(), sign_s = p.sign_s.contiguous();
+  const auto [bias, logs, perm, lower, upper, log_s, sign_s] = contiguous_params(p);
   out.weight = at::empty({C, C}, bias.options());
   out.offset = -bias;
   AT_DISPATCH_FLOATING_TYPES(acc_dtype, "glow_ext_fold_inverse_cpu", [&] {
@@ -416,9 +422,7 @@ bool chain_small_cpu(const LUParams& p, const at::Tensor& grad_folded, const at:
                      const at::Tensor& grad_logdet_hw, ParamGrads& out) {
   const int64_t C = p.bias.size(0);
   if (C > kSmallChainMaxChannels || p.bias.scalar_type() != grad_folded.scalar_type()) return false;
-  const auto bias = p.bias.contiguous(), logs = p.logs.contiguous(), perm = p.perm.contiguous();
-  const auto lower = p.lower.contiguous(), upper = p.upper.contiguous();
-  const auto log_s = p.log_s.contiguous(), sign_s = p.sign_s.contiguous();
+  const auto [bias, logs, perm, lower, upper, log_s, sign_s] = contiguous_params(p);
   const auto g_folded = grad_folded.contiguous(), g_offset = grad_offset.contiguous();
   out = {at::empty({C}, bias.options()), at::empty({C}, bias.options()),
          at::zeros({C, C}, bias.options()), at::zeros({C, C}, bias.options()),
