@@ -56,6 +56,12 @@ def actnorm_invconv_lu_inverse(y, bias, logs, perm, lower, upper, log_s, sign_s)
                                                                 log_s, sign_s)[0]
 
 
+def uses_factored_path(channels, pixels):
+    """Whether the kernels apply the triangular factors to the N·H·W pixels instead of assembling W
+    (deep levels: use_factored_path in csrc/actnorm_invconv.cpp). Never without the kernels."""
+    return _C is not None and channels > _C.factored_path_channels and pixels < channels
+
+
 def channel_map(x, weight, offset):
     """y = weight·x + offset at every pixel, for a (C, C) map and (C,) offset precomputed by the
     caller (the layers' cached inverse). weight and offset are in x's accumulation dtype: float64 for
@@ -92,8 +98,7 @@ if _C is not None:
     def _saved_map_fake(x):
         """The training ops' map: (C, C) in the accumulation dtype, (0, C) on the factored path."""
         c, pixels = x.shape[1], x.shape[0] * x.shape[2] * x.shape[3]
-        factored = c > _C.factored_path_channels and pixels < c  # use_factored_path in C++
-        rows = 0 if x.numel() == 0 or factored else c
+        rows = 0 if x.numel() == 0 or uses_factored_path(c, pixels) else c
         return x.new_empty((rows, c), dtype=reference.accumulation_dtype(x))
 
     @torch.library.register_fake("glow_ext::_actnorm_invconv_lu_train")

@@ -8,6 +8,7 @@ bytes written).
 """
 import torch
 
+from .. import ops
 from .common import synchronizer, time_methods
 
 GEMM_SIZE = 1024
@@ -59,16 +60,6 @@ def roofline_pct(measured_ms, flops, nbytes, ceilings, dtype=torch.float32):
 # The work of the fused layer (ActNorm + LU 1x1 conv) per mode
 
 LAYER_MODES = ("forward", "fwd+bwd", "inverse", "inverse fwd+bwd", "backward")
-# glow_ext's factored path (csrc/actnorm_invconv.cpp, use_factored_path): C above this and fewer
-# pixels than channels.
-FACTORED_MIN_C = 193
-
-
-def uses_factored_path(channels, pixels):
-    """Whether the op applies the triangular factors to the pixels instead of assembling W."""
-    return channels >= FACTORED_MIN_C and pixels < channels
-
-
 def layer_work(shape, mode, itemsize=4):
     """{"flops", "bytes", "path"} of one call of the fused layer at shape (N, C, H, W) in `mode`.
 
@@ -95,7 +86,7 @@ def layer_work(shape, mode, itemsize=4):
     """
     n, c, h, w = shape
     pixels = n * h * w
-    factored = uses_factored_path(c, pixels)
+    factored = ops.uses_factored_path(c, pixels)
     mix = 2 * c * c * pixels
     assembly, inversion, chain_rule = (0, 0, 0) if factored else (2 * c**3 / 3, 4 * c**3 / 3, 2 * c**3)
     fold = 0 if factored else 4 * c * c
