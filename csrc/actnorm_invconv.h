@@ -33,16 +33,23 @@ struct ParamGrads {
   at::Tensor bias, logs, lower, upper, log_s;
 };
 
+// The two terms of the chain rule that read Wf: Wfᵀ·dL/dc and the column sums of dL/dWf ⊙ Wf.
+struct FoldedTerms {
+  at::Tensor grad_bias, column_dot;
+};
+
 struct Backend {
   // y[n, :, p] = map.weight · x[n, :, p] + map.offset for an NCHW-contiguous x; y has x's dtype.
   at::Tensor (*channel_mix)(const at::Tensor& x, const ChannelMap& map);
-  // The forward map for small C, where a direct loop beats a handful of ATen launches.
-  // Returns false to fall back to the generic ATen assembly.
-  bool (*fold_forward_small)(const LUParams& p, at::ScalarType acc_dtype, ChannelMap& out);
+  // The forward map Wf, c where the backend's own loop beats the generic ATen assembly (its ~10
+  // launches at small C; on the CPU, its dense product at every C). Returns false to fall back.
+  bool (*fold_forward)(const LUParams& p, at::ScalarType acc_dtype, ChannelMap& out);
   // Optional: the chain rule from dL/dWf, dL/dc (and the logdet's gradient times H·W) to the LU
-  // parameters for small C. Returns false to fall back to the generic ATen version.
-  bool (*chain_small)(const LUParams& p, const at::Tensor& grad_folded, const at::Tensor& grad_offset,
-                      const at::Tensor& grad_logdet_hw, ParamGrads& out) = nullptr;
+  // parameters, given Wf (`folded`) or, when it is undefined, its two terms. Returns false to fall
+  // back to the generic ATen version.
+  bool (*chain)(const LUParams& p, const at::Tensor& grad_folded, const at::Tensor& grad_offset,
+                const at::Tensor& folded, const FoldedTerms& terms, const at::Tensor& grad_logdet_hw,
+                ParamGrads& out) = nullptr;
   // Optional: the backward's pass over the pixels. out = weight·src per pixel (no offset) and, in
   // the same sweep, grad_folded = Σ_pixels a·xᵀ (C, C) and grad_offset = Σ_pixels a (C,) in the
   // accumulation dtype, where a is src, or out when outer_of_out. NCHW-contiguous inputs. Returns
@@ -50,8 +57,8 @@ struct Backend {
   bool (*mix_outer)(const at::Tensor& src, const at::Tensor& weight, const at::Tensor& x,
                     bool outer_of_out, at::Tensor& out, at::Tensor& grad_folded,
                     at::Tensor& grad_offset) = nullptr;
-  // Optional: the inverse map (Wf⁻¹ and −bias) for small C, as fold_forward_small.
-  bool (*fold_inverse_small)(const LUParams& p, at::ScalarType acc_dtype, ChannelMap& out) = nullptr;
+  // Optional: the inverse map (Wf⁻¹ and −bias) where the backend's own loop is faster, as fold_forward.
+  bool (*fold_inverse)(const LUParams& p, at::ScalarType acc_dtype, ChannelMap& out) = nullptr;
 };
 
 // Validates every argument; `op` and `input_name` name the op and its image argument in messages.

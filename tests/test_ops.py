@@ -31,9 +31,9 @@ DTYPES = [torch.float32, torch.float64]
 REDUCED_DTYPES = [torch.float16, torch.bfloat16]
 
 # (N, C, H, W) covering C ∈ {1, 2, 3, 5, 12, 96, 257}, H, W ∈ {1, 3, 7, 32}, N ∈ {1, 3, 64} and every
-# code path. CPU: C ≤ 512 direct SIMD loop (weight folded by a scalar loop for C ≤ 32, by ATen ops
-# above), C > 512 folded GEMM; C > 192 with N·H·W < C factored (triangular factors applied
-# directly). CUDA: C ≤ 64 direct kernel, then cuBLAS.
+# code path. CPU: C ≤ 512 direct SIMD loop (weight fold and chain rule by SIMD loops up to
+# C = 1024, the inverse map up to 256, ATen ops above), C > 512 folded GEMM; C > 192 with
+# N·H·W < C factored (triangular factors applied directly). CUDA: C ≤ 64 direct kernel, then cuBLAS.
 SHAPES = [
     pytest.param((1, 1, 1, 1), id="C1-direct"),
     pytest.param((3, 2, 7, 3), id="C2-direct"),
@@ -43,7 +43,7 @@ SHAPES = [
     pytest.param((1, 6, 96, 97), id="C6-direct-3-pixel-chunks"),
     pytest.param((3, 12, 7, 7), id="C12-direct-ragged"),
     pytest.param((2, 32, 3, 7), id="C32-direct-largest"),
-    pytest.param((2, 33, 3, 3), id="C33-direct-generic-fold"),
+    pytest.param((2, 33, 3, 3), id="C33-direct"),
     pytest.param((1, 65, 7, 3), id="C65-direct"),
     pytest.param((3, 96, 3, 7), id="C96-direct"),
     pytest.param((2, 193, 8, 12), id="C193-factored-M192"),
@@ -56,7 +56,7 @@ SHAPES = [
 # A cheaper subset for the gradient and layout tests.
 SMALL_SHAPES = [
     pytest.param((3, 5, 7, 3), id="C5-direct"),
-    pytest.param((2, 40, 3, 3), id="C40-direct-generic-fold"),
+    pytest.param((2, 40, 3, 3), id="C40-direct"),
     pytest.param((3, 257, 3, 7), id="C257-factored"),
     pytest.param((64, 257, 3, 3), id="C257-folded"),
 ]
@@ -423,6 +423,26 @@ def test_forward_gradients_match_reference(shape, dtype, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_generic_algebra_past_the_cpu_loops(device):
+    """C = 1040 > 1024 with N·H·W >= C: the weight fold, the inverse map and the chain rule take the
+    device-generic ATen versions, which the CPU replaces with loops below that C and which CUDA runs
+    at every C past its small-C fold. Outputs and every gradient against the reference, float64."""
+    shape = (1, 1040, 33, 32)
+    g = make_generator(7)
+    params = make_params(shape[1], dtype=torch.float64, device=device, generator=g, factors="near_identity")
+    x = make_input(shape, dtype=torch.float64, device=device, generator=g)
+    y, logdet = ops.actnorm_invconv_lu(x, *params)
+    y_ref, logdet_ref = reference.actnorm_invconv_lu(x, *params)
+    assert_rel_close(y, y_ref, forward_tol(torch.float64, shape[1]), "y vs reference")
+    torch.testing.assert_close(logdet, logdet_ref, rtol=1e-11, atol=1e-11)
+    assert_rel_close(ops.actnorm_invconv_lu_inverse(y, *params), x, roundtrip_tol(torch.float64, shape[1]),
+                     "inverse(forward(x))")
+    for op, ref_op, inp in ((ops.actnorm_invconv_lu, reference.actnorm_invconv_lu, x),
+                            (ops.actnorm_invconv_lu_inverse, reference.actnorm_invconv_lu_inverse, y)):
+        _check_grads_against_reference(op, ref_op, inp, params, grad_tol(torch.float64))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SMALL_SHAPES)
 def test_inverse_gradients_match_reference(shape, dtype, device):
@@ -444,7 +464,7 @@ def _gradcheck_inputs(shape, device, seed=6):
     "shape, fast_mode",
     [
         pytest.param((2, 3, 2, 2), False, id="C3-direct-full"),
-        pytest.param((1, 40, 2, 2), True, id="C40-generic-fold-fast"),
+        pytest.param((1, 40, 2, 2), True, id="C40-direct-fast"),
         # Factored path (C > 192, N·H·W < C): 80k parameter entries, so only fast mode (random
         # directional derivatives) is affordable; the full gradients are compared against the
         # reference in test_forward_gradients_match_reference.
@@ -513,7 +533,7 @@ def test_logdet_matches_brute_force_jacobian(device):
 
 OPCHECK_SHAPES = [
     pytest.param((2, 5, 3, 3), id="C5-direct"),
-    pytest.param((2, 40, 2, 3), id="C40-generic-fold"),
+    pytest.param((2, 40, 2, 3), id="C40-direct"),
     pytest.param((1, 257, 1, 2), id="C257-factored"),
 ]
 

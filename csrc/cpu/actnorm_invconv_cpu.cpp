@@ -2,9 +2,9 @@
 //
 // Two per-pixel primitives: the channel mix y = Wf·x + c (forward, inverse), and the backward pass
 // that mixes (dL/dx = Wfᵀ·g) and sums the weight gradient Σ g·xᵀ, Σ g in one sweep of the pixels. Both are loops over SIMD tiles of pixels compiled for AVX-512,
-// AVX2+FMA and baseline x86-64, picked at run time; past kDirectMaxChannels, GEMMs. For small C the
-// C x C work around them (weight fold, chain rule) is plain loops too: ATen launches would cost
-// more than the arithmetic.
+// AVX2+FMA and baseline x86-64, picked at run time; past kDirectMaxChannels, GEMMs. The C x C work
+// around them (weight fold, inverse map, chain rule) is SIMD loops too: they skip the zero triangles
+// a dense GEMM multiplies (a third of its flops) and the ~20 ATen launches of the generic version.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -21,10 +21,14 @@ namespace glow_ext {
 namespace {
 
 constexpr int64_t kDirectMaxChannels = 512;  // beat at::baddbmm at every C measured (up to 256)
-constexpr int64_t kSmallFoldMaxChannels = 32;   // the per-entry fold loop is O(C^3) scalar
-// Past it the chain rule's two float32 GEMMs win (one thread, backward op at 1x64x4x4 and
-// 4x64x16x16: the loops took 1.3-1.5x as long).
-constexpr int64_t kSmallChainMaxChannels = 48;
+// Up to these C the loops beat the generic ATen versions (2 threads, 2026-12-01, median of 200
+// calls): backward op 1.1-1.4x at C = 48 ... 1024 (fold and chain), forward op 1.1-1.4x; the
+// inverse map's float64 loops 1.1-1.2x at C = 160 ... 256, slower than the solves at C = 384.
+constexpr int64_t kInverseFoldMaxChannels = 256;
+constexpr int64_t kChainMaxChannels = 1024;
+constexpr int kChainRows = 4;    // rows of a triangular product computed per pass over its columns
+constexpr int kChainLanes = 2;   // SIMD registers of columns per row in that pass
+constexpr int64_t kChainParallelChannels = 64;  // below it one thread: a fork costs more
 // Past this C the one-sweep backward's register-blocked weight gradient loses to the channel mix
 // plus MKL's batched GEMM (one thread, backward op, 2026-12-01: at C = 48 the sweep took 1.2-1.9x
 // as long, 64x48x4x4 and 4x48x32x32; at C = 12 and 24 it is 0.9-1.0x, 32x24x16x16, 4x24x64x64).
@@ -215,6 +219,174 @@ GLOW_HD void outer_sums(const OuterArgs<scalar_t>& a, int64_t begin, int64_t end
   }
 }
 
+// The chain rule's two triangular products have one shape: out[k][c] = alpha[k]·b[k][c] +
+// Σ_{m>k} T(k, m)·b[m][c] for the columns c >= k, T strictly upper triangular and read through
+// strides (T(k, m) = t[k·t_row + m·t_col]). b and out have `stride` >= C columns, zero-padded.
+template <typename scalar_t>
+struct TriangularProduct {
+  const scalar_t* t;
+  int64_t t_row, t_col;
+  const scalar_t* b;
+  const scalar_t* alpha;
+  scalar_t* out;
+  int64_t channels, stride;
+};
+
+// Rows [k0, k0 + kRowsB) of a TriangularProduct, kChainLanes registers of columns at a time from
+// the lane holding column k0 on: each load of b[m] feeds kRowsB FMAs. Columns left of the diagonal
+// get values too; the caller reads only c >= k.
+template <int kRowsB, typename lane_t, typename scalar_t>
+GLOW_HD void triangular_rows(const TriangularProduct<scalar_t>& a, int64_t k0) {
+  constexpr int64_t lanes = sizeof(lane_t) / sizeof(scalar_t);
+  constexpr int64_t width = kChainLanes * lanes;
+  const int64_t C = a.channels, S = a.stride;
+  const auto coef = [&](int r, int64_t m) { return a.t[(k0 + r) * a.t_row + m * a.t_col]; };
+  for (int64_t c0 = k0 / lanes * lanes; c0 < C; c0 += width) {
+    lane_t acc[kRowsB][kChainLanes];
+    for (int r = 0; r < kRowsB; ++r) {
+      const StridedLoad<lane_t, scalar_t> row{a.b + (k0 + r) * S + c0, lanes};
+      for (int l = 0; l < kChainLanes; ++l) acc[r][l] = a.alpha[k0 + r] * row(l);
+    }
+    // m inside the block: row k0 + r takes T(k0 + r, m) only for m > k0 + r.
+    for (int64_t m = k0 + 1; m < k0 + kRowsB; ++m) {
+      const StridedLoad<lane_t, scalar_t> row{a.b + m * S + c0, lanes};
+      for (int l = 0; l < kChainLanes; ++l) {
+        const lane_t b_m = row(l);
+        for (int r = 0; r < m - k0; ++r) acc[r][l] += coef(r, m) * b_m;
+      }
+    }
+    for (int64_t m = k0 + kRowsB; m < C; ++m) {
+      const StridedLoad<lane_t, scalar_t> row{a.b + m * S + c0, lanes};
+      lane_t b_m[kChainLanes];
+      for (int l = 0; l < kChainLanes; ++l) b_m[l] = row(l);
+      for (int r = 0; r < kRowsB; ++r) {
+        const scalar_t t = coef(r, m);
+        for (int l = 0; l < kChainLanes; ++l) acc[r][l] += t * b_m[l];
+      }
+    }
+    for (int r = 0; r < kRowsB; ++r) {
+      __builtin_memcpy(a.out + (k0 + r) * S + c0, acc[r], sizeof(acc[r]));
+    }
+  }
+}
+
+// L·U' for the forward map: out[r][c] = U'[r][c] + Σ_{k<r} L[r][k]·U'[k][c], with L's strict part
+// read from `lower` (C x C) and U' from `upper_factor`, its rows zero left of the diagonal and
+// zero-padded to `stride` columns, like out.
+template <typename scalar_t>
+struct LowerUpperProduct {
+  const scalar_t* lower;
+  const scalar_t* upper_factor;
+  scalar_t* out;
+  int64_t channels, stride;
+};
+
+// Rows [r0, r0 + kRowsB) of a LowerUpperProduct, as triangular_rows. Row k of U' is zero left of
+// column k, so a block of columns takes only the k before its end.
+template <int kRowsB, typename lane_t, typename scalar_t>
+GLOW_HD void lower_upper_rows(const LowerUpperProduct<scalar_t>& a, int64_t r0) {
+  constexpr int64_t lanes = sizeof(lane_t) / sizeof(scalar_t);
+  constexpr int64_t width = kChainLanes * lanes;
+  const int64_t C = a.channels, S = a.stride;
+  for (int64_t c0 = 0; c0 < C; c0 += width) {
+    lane_t acc[kRowsB][kChainLanes];
+    for (int r = 0; r < kRowsB; ++r) {
+      const StridedLoad<lane_t, scalar_t> row{a.upper_factor + (r0 + r) * S + c0, lanes};
+      for (int l = 0; l < kChainLanes; ++l) acc[r][l] = row(l);
+    }
+    const int64_t k_end = std::min(r0, c0 + width);  // every row of the block takes k < r0
+    for (int64_t k = 0; k < k_end; ++k) {
+      const StridedLoad<lane_t, scalar_t> row{a.upper_factor + k * S + c0, lanes};
+      lane_t u_k[kChainLanes];
+      for (int l = 0; l < kChainLanes; ++l) u_k[l] = row(l);
+      for (int r = 0; r < kRowsB; ++r) {
+        const scalar_t l_rk = a.lower[(r0 + r) * C + k];
+        for (int l = 0; l < kChainLanes; ++l) acc[r][l] += l_rk * u_k[l];
+      }
+    }
+    // k inside the block: row r0 + r takes L[r0 + r][k] only for k < r0 + r.
+    for (int64_t k = r0; k < std::min(r0 + kRowsB - 1, c0 + width); ++k) {
+      const StridedLoad<lane_t, scalar_t> row{a.upper_factor + k * S + c0, lanes};
+      for (int l = 0; l < kChainLanes; ++l) {
+        const lane_t u_k = row(l);
+        for (int r = static_cast<int>(k - r0) + 1; r < kRowsB; ++r) {
+          acc[r][l] += a.lower[(r0 + r) * C + k] * u_k;
+        }
+      }
+    }
+    for (int r = 0; r < kRowsB; ++r) {
+      __builtin_memcpy(a.out + (r0 + r) * S + c0, acc[r], sizeof(acc[r]));
+    }
+  }
+}
+
+template <typename scalar_t, int kLaneBytes>
+GLOW_HD void lower_upper_block(const LowerUpperProduct<scalar_t>& a, int64_t r0) {
+  using lane_t = Lane<scalar_t, kLaneBytes>;
+  if (r0 + kChainRows <= a.channels) return lower_upper_rows<kChainRows, lane_t>(a, r0);
+  for (int64_t r = r0; r < a.channels; ++r) lower_upper_rows<1, lane_t>(a, r);
+}
+
+template <typename scalar_t, int kLaneBytes>
+GLOW_HD void triangular_block(const TriangularProduct<scalar_t>& a, int64_t k0) {
+  using lane_t = Lane<scalar_t, kLaneBytes>;
+  if (k0 + kChainRows <= a.channels) return triangular_rows<kChainRows, lane_t>(a, k0);
+  for (int64_t k = k0; k < a.channels; ++k) triangular_rows<1, lane_t>(a, k);
+}
+
+// The inverse map's float64 algebra: L⁻¹, U'⁻¹ and M = U'⁻¹·L⁻¹, each row a sum of rows already
+// done, so every inner loop is an axpy over contiguous doubles that the compiler vectorises.
+// Task 0 computes L⁻¹, task 1 U'⁻¹, task 2 + i row i of M (after both).
+template <typename scalar_t>
+struct InverseFactors {
+  const scalar_t* lower;  // strict lower part read
+  const scalar_t* upper;  // strict upper part read
+  const double* diag;     // U''s diagonal
+  double* lower_inv;
+  double* upper_inv;
+  double* product;
+  int64_t channels;
+};
+
+template <typename scalar_t>
+GLOW_HD void inverse_factors_task(const InverseFactors<scalar_t>& a, int64_t task) {
+  const int64_t C = a.channels;
+  if (task == 0) {  // row i of L⁻¹ = e_i − Σ_{k<i} L[i][k]·(row k), row k zero past column k
+    for (int64_t i = 0; i < C; ++i) {
+      double* row = a.lower_inv + i * C;
+      std::fill(row, row + C, 0.0);
+      row[i] = 1;
+      for (int64_t k = 0; k < i; ++k) {
+        const double coef = -static_cast<double>(a.lower[i * C + k]);
+        const double* row_k = a.lower_inv + k * C;
+        for (int64_t c = 0; c <= k; ++c) row[c] += coef * row_k[c];
+      }
+    }
+  } else if (task == 1) {  // row i of U'⁻¹ = (e_i − Σ_{k>i} U'[i][k]·(row k)) / d_i
+    for (int64_t i = C - 1; i >= 0; --i) {
+      double* row = a.upper_inv + i * C;
+      std::fill(row, row + C, 0.0);
+      row[i] = 1;
+      for (int64_t k = i + 1; k < C; ++k) {
+        const double coef = -static_cast<double>(a.upper[i * C + k]);
+        const double* row_k = a.upper_inv + k * C;
+        for (int64_t c = k; c < C; ++c) row[c] += coef * row_k[c];
+      }
+      const double inv_d = 1.0 / a.diag[i];
+      for (int64_t c = i; c < C; ++c) row[c] *= inv_d;
+    }
+  } else {  // row i of M = Σ_{k>=i} U'⁻¹[i][k]·(row k of L⁻¹)
+    const int64_t i = task - 2;
+    double* row = a.product + i * C;
+    std::fill(row, row + C, 0.0);
+    for (int64_t k = i; k < C; ++k) {
+      const double coef = a.upper_inv[i * C + k];
+      const double* row_k = a.lower_inv + k * C;
+      for (int64_t c = 0; c <= k; ++c) row[c] += coef * row_k[c];
+    }
+  }
+}
+
 // One copy of the loops per instruction set; the always-inline math above is compiled into each.
 // Lanes are one register wide; the outer-product blocks fill the register file (32 or 16 regs).
 #define GLOW_EXT_ISA_VARIANT(SUFFIX, TARGET, LANE_BYTES, BLOCK)                                 \
@@ -226,6 +398,18 @@ GLOW_HD void outer_sums(const OuterArgs<scalar_t>& a, int64_t begin, int64_t end
   TARGET void outer_sums_##SUFFIX(const OuterArgs<scalar_t>& a, int64_t begin, int64_t end,     \
                                   scalar_t* out) {                                              \
     outer_sums<scalar_t, LANE_BYTES, BLOCK>(a, begin, end, out);                                \
+  }                                                                                             \
+  template <typename scalar_t>                                                                  \
+  TARGET void triangular_block_##SUFFIX(const TriangularProduct<scalar_t>& a, int64_t k0) {     \
+    triangular_block<scalar_t, LANE_BYTES>(a, k0);                                              \
+  }                                                                                             \
+  template <typename scalar_t>                                                                  \
+  TARGET void lower_upper_block_##SUFFIX(const LowerUpperProduct<scalar_t>& a, int64_t r0) {    \
+    lower_upper_block<scalar_t, LANE_BYTES>(a, r0);                                             \
+  }                                                                                             \
+  template <typename scalar_t>                                                                  \
+  TARGET void inverse_factors_task_##SUFFIX(const InverseFactors<scalar_t>& a, int64_t task) {  \
+    inverse_factors_task(a, task);                                                              \
   }
 #if defined(__x86_64__)
 GLOW_EXT_ISA_VARIANT(avx512, __attribute__((target("avx512f,avx2,fma"))), 64, 4)
@@ -336,32 +520,96 @@ ContiguousParams contiguous_params(const LUParams& p) {
           p.upper.contiguous(), p.log_s.contiguous(), p.sign_s.contiguous()};
 }
 
-// Wf[i][j] = W[i][j]·exp(logs[j]) and c = Wf·bias straight from the LU factors, one small loop
-// instead of the ~10 ATen launches of the generic assembly.
-bool fold_forward_small_cpu(const LUParams& p, at::ScalarType acc_dtype, ChannelMap& out) {
+// Runs tasks [0, count) on the thread pool, cut into one contiguous range per thread of about equal
+// cost (cost(t): a task's relative flops). The C x C products' row blocks cost (C - k0)² or k0·C:
+// an even cut of the blocks would leave one thread most of the work.
+template <typename CostFn, typename RunFn>
+void balanced_parallel(int64_t count, bool parallel, CostFn cost, RunFn run) {
+  const int64_t parts = parallel ? at::get_num_threads() : 1;
+  std::vector<double> prefix(count + 1, 0.0);
+  for (int64_t t = 0; t < count; ++t) prefix[t + 1] = prefix[t] + cost(t);
+  std::vector<int64_t> bounds(parts + 1, count);
+  for (int64_t q = 0; q < parts; ++q) {
+    const double target = prefix.back() * static_cast<double>(q) / static_cast<double>(parts);
+    bounds[q] = std::lower_bound(prefix.begin(), prefix.end() - 1, target) - prefix.begin();
+  }
+  at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = bounds[begin]; t < bounds[end]; ++t) run(t);
+  });
+}
+
+// Padded row length of the products' scratch matrices: every SIMD pass of columns stays inside.
+template <typename scalar_t>
+int64_t product_stride(int64_t C) {
+  constexpr int64_t widest = 64 / sizeof(scalar_t);
+  return (C + kChainLanes * widest + widest - 1) / widest * widest;
+}
+
+template <typename scalar_t>
+void triangular_products(const TriangularProduct<scalar_t>* products, int count) {
+  const int64_t C = products[0].channels;
+  const int64_t blocks = (C + kChainRows - 1) / kChainRows;
+  const auto cost = [&](int64_t t) {
+    const double cols = static_cast<double>(C - t % blocks * kChainRows);
+    return cols * cols;
+  };
+  balanced_parallel(count * blocks, C >= kChainParallelChannels, cost, [&](int64_t t) {
+    const auto& a = products[t / blocks];
+    const int64_t k0 = t % blocks * kChainRows;
+    switch (kIsa) {
+#if defined(__x86_64__)
+      case Isa::kAvx512: return triangular_block_avx512(a, k0);
+      case Isa::kAvx2: return triangular_block_avx2(a, k0);
+#endif
+      default: return triangular_block_baseline(a, k0);
+    }
+  });
+}
+
+// Wf = P·L·U'·diag(a) and c = Wf·bias: L·U' by the SIMD loops above (a third of a dense product's
+// flops), then the row permutation and scaling in one pass; no ATen launches.
+bool fold_forward_cpu(const LUParams& p, at::ScalarType acc_dtype, ChannelMap& out) {
   const int64_t C = p.bias.size(0);
-  if (C > kSmallFoldMaxChannels || p.bias.scalar_type() != acc_dtype) return false;
+  if (C > kChainMaxChannels || p.bias.scalar_type() != acc_dtype) return false;
   const auto [bias, logs, perm, lower, upper, log_s, sign_s] = contiguous_params(p);
   out.weight = at::empty({C, C}, bias.options());
   out.offset = at::empty({C}, bias.options());
   AT_DISPATCH_FLOATING_TYPES(acc_dtype, "glow_ext_fold_forward_cpu", [&] {
-    const scalar_t* b = bias.const_data_ptr<scalar_t>();
-    const scalar_t* s_log = log_s.const_data_ptr<scalar_t>();
-    const scalar_t* s_sign = sign_s.const_data_ptr<scalar_t>();
-    const scalar_t* actnorm_logs = logs.const_data_ptr<scalar_t>();
-    std::vector<scalar_t> diag(C), scale(C);
-    for (int64_t j = 0; j < C; ++j) {
-      diag[j] = s_sign[j] * std::exp(s_log[j]);
-      scale[j] = std::exp(actnorm_logs[j]);
+    const scalar_t* up = upper.const_data_ptr<scalar_t>();
+    const int64_t S = product_stride<scalar_t>(C);
+    std::vector<scalar_t> upper_factor(C * S, 0), product(C * S);
+    for (int64_t k = 0; k < C; ++k) {
+      upper_factor[k * S + k] = sign_s.const_data_ptr<scalar_t>()[k] *
+                                std::exp(log_s.const_data_ptr<scalar_t>()[k]);
+      std::copy(up + k * C + k + 1, up + (k + 1) * C, upper_factor.data() + k * S + k + 1);
     }
+    const LowerUpperProduct<scalar_t> a{lower.const_data_ptr<scalar_t>(), upper_factor.data(),
+                                        product.data(), C, S};
+    const int64_t blocks = (C + kChainRows - 1) / kChainRows;
+    const auto cost = [&](int64_t t) {  // Σ_c min(r, c) over the columns
+      const double r = static_cast<double>(t * kChainRows);
+      return (r + 1) * (static_cast<double>(C) - r / 2);
+    };
+    balanced_parallel(blocks, C >= kChainParallelChannels, cost, [&](int64_t t) {
+      switch (kIsa) {
+#if defined(__x86_64__)
+        case Isa::kAvx512: return lower_upper_block_avx512(a, t * kChainRows);
+        case Isa::kAvx2: return lower_upper_block_avx2(a, t * kChainRows);
+#endif
+        default: return lower_upper_block_baseline(a, t * kChainRows);
+      }
+    });
+    const scalar_t* b = bias.const_data_ptr<scalar_t>();
+    const int64_t* pm = perm.const_data_ptr<int64_t>();
+    std::vector<scalar_t> scale(C);
+    for (int64_t j = 0; j < C; ++j) scale[j] = std::exp(logs.const_data_ptr<scalar_t>()[j]);
     scalar_t* w = out.weight.mutable_data_ptr<scalar_t>();
     scalar_t* c = out.offset.mutable_data_ptr<scalar_t>();
     for (int64_t i = 0; i < C; ++i) {
+      const scalar_t* row = product.data() + pm[i] * S;
       scalar_t c_i = 0;
       for (int64_t j = 0; j < C; ++j) {
-        w[i * C + j] = scale[j] * math::lu_weight_entry<scalar_t>(
-                                      lower.const_data_ptr<scalar_t>(), upper.const_data_ptr<scalar_t>(),
-                                      diag.data(), perm.const_data_ptr<int64_t>(), C, i, j);
+        w[i * C + j] = row[j] * scale[j];
         c_i += w[i * C + j] * b[j];
       }
       c[i] = c_i;
@@ -370,121 +618,130 @@ bool fold_forward_small_cpu(const LUParams& p, at::ScalarType acc_dtype, Channel
   return true;
 }
 
+template <typename scalar_t>
+void run_inverse_factors_task(const InverseFactors<scalar_t>& a, int64_t task) {
+  switch (kIsa) {
+#if defined(__x86_64__)
+    case Isa::kAvx512: return inverse_factors_task_avx512(a, task);
+    case Isa::kAvx2: return inverse_factors_task_avx2(a, task);
+#endif
+    default: return inverse_factors_task_baseline(a, task);
+  }
+}
+
 // Wf⁻¹ = diag(exp(−logs))·U'⁻¹·L⁻¹·Pᵀ and the offset −bias from explicit triangular inverses in
-// float64 loops (the generic version's float64 solves, ~20 ATen launches, cost several times more
-// at small C: inverse forward + backward at 1x8x4x4 ... 1x32x4x4).
-bool fold_inverse_small_cpu(const LUParams& p, at::ScalarType acc_dtype, ChannelMap& out) {
+// float64 loops: the generic version's float64 solves and ~20 ATen launches cost more up to
+// kInverseFoldMaxChannels (inverse forward + backward at 1x8x4x4 ... 1x128x4x4).
+bool fold_inverse_cpu(const LUParams& p, at::ScalarType acc_dtype, ChannelMap& out) {
   const int64_t C = p.bias.size(0);
-  if (C > kSmallFoldMaxChannels || p.bias.scalar_type() != acc_dtype) return false;
+  if (C > kInverseFoldMaxChannels || p.bias.scalar_type() != acc_dtype) return false;
   const auto [bias, logs, perm, lower, upper, log_s, sign_s] = contiguous_params(p);
   out.weight = at::empty({C, C}, bias.options());
   out.offset = -bias;
   AT_DISPATCH_FLOATING_TYPES(acc_dtype, "glow_ext_fold_inverse_cpu", [&] {
-    const scalar_t* lo = lower.const_data_ptr<scalar_t>();
-    const scalar_t* up = upper.const_data_ptr<scalar_t>();
-    const int64_t* pm = perm.const_data_ptr<int64_t>();
-    std::vector<double> l_inv(C * C, 0.0), u_inv(C * C, 0.0), diag(C);
+    std::vector<double> diag(C), lower_inv(C * C), upper_inv(C * C), product(C * C);
     for (int64_t i = 0; i < C; ++i) {
       diag[i] = static_cast<double>(sign_s.const_data_ptr<scalar_t>()[i]) *
                 std::exp(static_cast<double>(log_s.const_data_ptr<scalar_t>()[i]));
     }
-    for (int64_t k = 0; k < C; ++k) {  // column k of L⁻¹ (unit lower) by forward substitution
-      l_inv[k * C + k] = 1;
-      for (int64_t i = k + 1; i < C; ++i) {
-        double acc = 0;
-        for (int64_t m = k; m < i; ++m) acc -= static_cast<double>(lo[i * C + m]) * l_inv[m * C + k];
-        l_inv[i * C + k] = acc;
-      }
-    }
-    for (int64_t j = 0; j < C; ++j) {  // column j of U'⁻¹ by back substitution
-      for (int64_t i = j; i >= 0; --i) {
-        double acc = i == j ? 1.0 : 0.0;
-        for (int64_t m = i + 1; m <= j; ++m) acc -= static_cast<double>(up[i * C + m]) * u_inv[m * C + j];
-        u_inv[i * C + j] = acc / diag[i];
-      }
-    }
+    const InverseFactors<scalar_t> a{lower.const_data_ptr<scalar_t>(), upper.const_data_ptr<scalar_t>(),
+                                     diag.data(), lower_inv.data(), upper_inv.data(), product.data(), C};
+    const bool parallel = C >= kChainParallelChannels;
+    at::parallel_for(0, 2, parallel ? 1 : 2, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) run_inverse_factors_task(a, task);
+    });
+    const auto cost = [&](int64_t i) {  // Σ_{k>=i} (k + 1)
+      return static_cast<double>(C * C + C - i * i - i);
+    };
+    balanced_parallel(C, parallel, cost, [&](int64_t i) { run_inverse_factors_task(a, 2 + i); });
+    const int64_t* pm = perm.const_data_ptr<int64_t>();
     scalar_t* w = out.weight.mutable_data_ptr<scalar_t>();
     for (int64_t i = 0; i < C; ++i) {
       const double row_scale = std::exp(-static_cast<double>(logs.const_data_ptr<scalar_t>()[i]));
-      for (int64_t j = 0; j < C; ++j) {  // (U'⁻¹·L⁻¹)[i][perm[j]]: k from max(i, perm[j])
-        double acc = 0;
-        for (int64_t k = std::max(i, pm[j]); k < C; ++k) acc += u_inv[i * C + k] * l_inv[k * C + pm[j]];
-        w[i * C + j] = static_cast<scalar_t>(row_scale * acc);
-      }
+      for (int64_t j = 0; j < C; ++j) w[i * C + j] = static_cast<scalar_t>(row_scale * product[i * C + pm[j]]);
     }
   });
   return true;
 }
 
-// The chain rule of chain_generic (actnorm_invconv.cpp) as plain loops: at small C its ~25 ATen
-// launches cost far more than the arithmetic.
-bool chain_small_cpu(const LUParams& p, const at::Tensor& grad_folded, const at::Tensor& grad_offset,
-                     const at::Tensor& grad_logdet_hw, ParamGrads& out) {
+// The chain rule of chain_folded (actnorm_invconv.cpp) as loops: at small C its ~25 ATen launches
+// cost far more than the arithmetic, and at every C its two dense C x C products do three times
+// the work of the triangles they feed (see kChainMaxChannels).
+bool chain_cpu(const LUParams& p, const at::Tensor& grad_folded, const at::Tensor& grad_offset,
+               const at::Tensor& folded, const FoldedTerms& terms, const at::Tensor& grad_logdet_hw,
+               ParamGrads& out) {
   const int64_t C = p.bias.size(0);
-  if (C > kSmallChainMaxChannels || p.bias.scalar_type() != grad_folded.scalar_type()) return false;
+  if (C > kChainMaxChannels || p.bias.scalar_type() != grad_folded.scalar_type()) return false;
   const auto [bias, logs, perm, lower, upper, log_s, sign_s] = contiguous_params(p);
   const auto g_folded = grad_folded.contiguous(), g_offset = grad_offset.contiguous();
   out = {at::empty({C}, bias.options()), at::empty({C}, bias.options()),
-         at::zeros({C, C}, bias.options()), at::zeros({C, C}, bias.options()),
+         at::empty({C, C}, bias.options()), at::empty({C, C}, bias.options()),
          at::empty({C}, bias.options())};
   AT_DISPATCH_FLOATING_TYPES(bias.scalar_type(), "glow_ext_chain_cpu", [&] {
     const scalar_t* b = bias.const_data_ptr<scalar_t>();
-    const scalar_t* lo = lower.const_data_ptr<scalar_t>();
-    const scalar_t* up = upper.const_data_ptr<scalar_t>();
     const int64_t* pm = perm.const_data_ptr<int64_t>();
     const scalar_t* gwf = g_folded.const_data_ptr<scalar_t>();
     const scalar_t* gc = g_offset.const_data_ptr<scalar_t>();
     const scalar_t gld = grad_logdet_hw.item<scalar_t>();
-    std::vector<scalar_t> diag(C), scale(C), wt_gc(C, 0), grad_v(C * C);
+    std::vector<scalar_t> diag(C), scale(C), ones(C, 1);
     for (int64_t j = 0; j < C; ++j) {
       diag[j] = sign_s.const_data_ptr<scalar_t>()[j] * std::exp(log_s.const_data_ptr<scalar_t>()[j]);
       scale[j] = std::exp(logs.const_data_ptr<scalar_t>()[j]);
     }
-    // ActNorm: Σ dL/dx_hat = Wᵀ·dL/dc, Σ dL/dx_hat ⊙ x_hat = a ⊙ (Σ_i dL/dWf ⊙ W + b ⊙ Wᵀ·dL/dc).
-    std::vector<scalar_t> wf_dot(C, 0);
-    for (int64_t i = 0; i < C; ++i) {
-      for (int64_t j = 0; j < C; ++j) {
-        const scalar_t w_ij = math::lu_weight_entry<scalar_t>(lo, up, diag.data(), pm, C, i, j);
-        wt_gc[j] += w_ij * gc[i];
-        wf_dot[j] += gwf[i * C + j] * w_ij;
-        // dL/dW = dL/dWf·diag(a) + dL/dc ⊗ (a⊙b), stored as Pᵀ·dL/dW (row i goes to perm[i]).
-        grad_v[pm[i] * C + j] = (gwf[i * C + j] + gc[i] * b[j]) * scale[j];
-      }
-    }
+    // ActNorm: dL/db = Wfᵀ·dL/dc, dL/dlogs = Σ_i dL/dWf ⊙ Wf + b ⊙ dL/db (+ the logdet's term).
     scalar_t* g_bias = out.bias.mutable_data_ptr<scalar_t>();
     scalar_t* g_logs = out.logs.mutable_data_ptr<scalar_t>();
-    for (int64_t j = 0; j < C; ++j) {
-      g_bias[j] = scale[j] * wt_gc[j];
-      g_logs[j] = scale[j] * (wf_dot[j] + wt_gc[j] * b[j]) + gld;
+    if (folded.defined()) {
+      const auto wf_c = folded.contiguous();
+      const scalar_t* wf = wf_c.const_data_ptr<scalar_t>();
+      std::fill(g_bias, g_bias + C, scalar_t(0));
+      std::fill(g_logs, g_logs + C, scalar_t(0));
+      for (int64_t i = 0; i < C; ++i) {
+        for (int64_t j = 0; j < C; ++j) {
+          g_bias[j] += wf[i * C + j] * gc[i];
+          g_logs[j] += gwf[i * C + j] * wf[i * C + j];
+        }
+      }
+    } else {
+      const auto grad_bias = terms.grad_bias.contiguous(), column_dot = terms.column_dot.contiguous();
+      std::copy_n(grad_bias.const_data_ptr<scalar_t>(), C, g_bias);
+      std::copy_n(column_dot.const_data_ptr<scalar_t>(), C, g_logs);
     }
-    // dL/dL = (Pᵀ dL/dW)·U'ᵀ below the diagonal; dL/dU' = Lᵀ·(Pᵀ dL/dW) on and above it.
+    for (int64_t j = 0; j < C; ++j) g_logs[j] += g_bias[j] * b[j] + gld;
+    // g_v = Pᵀ·dL/dW, dL/dW = (dL/dWf + dL/dc ⊗ b)·diag(a) (row i goes to perm[i]), and its
+    // transpose, in rows padded for the products' widest SIMD pass.
+    const int64_t S = product_stride<scalar_t>(C);
+    std::vector<scalar_t> g_v(C * S, 0), g_v_t(C * S, 0), upper_full(C * S), lower_full_t(C * S);
+    for (int64_t i = 0; i < C; ++i) {
+      for (int64_t j = 0; j < C; ++j) {
+        const scalar_t v = (gwf[i * C + j] + gc[i] * b[j]) * scale[j];
+        g_v[pm[i] * S + j] = v;
+        g_v_t[j * S + pm[i]] = v;
+      }
+    }
+    // dL/dU' = Lᵀ·g_v on and above the diagonal; (dL/dL)ᵀ = U'·g_vᵀ above it.
+    const scalar_t* lo = lower.const_data_ptr<scalar_t>();
+    const scalar_t* up = upper.const_data_ptr<scalar_t>();
+    const TriangularProduct<scalar_t> products[2] = {
+        {lo, 1, C, g_v.data(), ones.data(), upper_full.data(), C, S},
+        {up, C, 1, g_v_t.data(), diag.data(), lower_full_t.data(), C, S}};
+    triangular_products(products, 2);
     scalar_t* g_lower = out.lower.mutable_data_ptr<scalar_t>();
     scalar_t* g_upper = out.upper.mutable_data_ptr<scalar_t>();
     scalar_t* g_log_s = out.log_s.mutable_data_ptr<scalar_t>();
     for (int64_t r = 0; r < C; ++r) {
-      for (int64_t k = 0; k < r; ++k) {
-        scalar_t acc = grad_v[r * C + k] * diag[k];
-        for (int64_t j = k + 1; j < C; ++j) acc += grad_v[r * C + j] * up[k * C + j];
-        g_lower[r * C + k] = acc;
+      for (int64_t k = 0; k < C; ++k) {
+        g_lower[r * C + k] = k < r ? lower_full_t[k * S + r] : scalar_t(0);
+        g_upper[r * C + k] = k > r ? upper_full[r * S + k] : scalar_t(0);
       }
-    }
-    for (int64_t k = 0; k < C; ++k) {
-      for (int64_t j = k; j < C; ++j) {
-        scalar_t acc = grad_v[k * C + j];
-        for (int64_t r = k + 1; r < C; ++r) acc += lo[r * C + k] * grad_v[r * C + j];
-        if (j == k) {
-          g_log_s[k] = acc * diag[k] + gld;
-        } else {
-          g_upper[k * C + j] = acc;
-        }
-      }
+      g_log_s[r] = upper_full[r * S + r] * diag[r] + gld;
     }
   });
   return true;
 }
 
-const Backend kCpuBackend{channel_mix_cpu, fold_forward_small_cpu, chain_small_cpu,
-                          mix_outer_cpu, fold_inverse_small_cpu};
+const Backend kCpuBackend{channel_mix_cpu, fold_forward_cpu, chain_cpu,
+                          mix_outer_cpu, fold_inverse_cpu};
 
 }  // namespace
 
