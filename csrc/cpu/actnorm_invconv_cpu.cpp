@@ -21,11 +21,12 @@ namespace glow_ext {
 namespace {
 
 constexpr int64_t kDirectMaxChannels = 512;  // beat at::baddbmm at every C measured (up to 256)
-// Up to these C the loops beat the generic ATen versions (2 threads, 2026-12-01, median of 200
-// calls): backward op 1.1-1.4x at C = 48 ... 1024 (fold and chain), forward op 1.1-1.4x; the
-// inverse map's float64 loops 1.1-1.2x at C = 160 ... 256, slower than the solves at C = 384.
+// Up to these C the loops (float64 accumulation) beat the generic ATen versions (2 threads,
+// 2026-12-01, fastest of 2 x 300 calls): forward op 1.1-1.5x and backward op 1.1-1.3x at
+// C = 48 ... 256, 0.98x at C = 512 (fold and chain); the inverse map's loops 1.1-1.2x at
+// C = 160 ... 256, slower than the solves at C = 384.
 constexpr int64_t kInverseFoldMaxChannels = 256;
-constexpr int64_t kChainMaxChannels = 1024;
+constexpr int64_t kChainMaxChannels = 256;
 constexpr int kChainRows = 4;    // rows of a triangular product computed per pass over its columns
 constexpr int kChainLanes = 2;   // SIMD registers of columns per row in that pass
 constexpr int64_t kChainParallelChannels = 64;  // below it one thread: a fork costs more
@@ -219,6 +220,10 @@ GLOW_HD void outer_sums(const OuterArgs<scalar_t>& a, int64_t begin, int64_t end
   }
 }
 
+// The C x C products below accumulate in float64 whatever the parameters' dtype: a float32 sum of
+// C products in sequence had 1.8-4x the error of plain PyTorch's fold at C = 192-1024
+// (benchmarks/accuracy_fused_op.py), twice issue 9's bound.
+//
 // The chain rule's two triangular products have one shape: out[k][c] = alpha[k]·b[k][c] +
 // Σ_{m>k} T(k, m)·b[m][c] for the columns c >= k, T strictly upper triangular and read through
 // strides (T(k, m) = t[k·t_row + m·t_col]). b and out have `stride` >= C columns, zero-padded.
@@ -226,9 +231,9 @@ template <typename scalar_t>
 struct TriangularProduct {
   const scalar_t* t;
   int64_t t_row, t_col;
-  const scalar_t* b;
-  const scalar_t* alpha;
-  scalar_t* out;
+  const double* b;
+  const double* alpha;
+  double* out;
   int64_t channels, stride;
 };
 
@@ -237,30 +242,32 @@ struct TriangularProduct {
 // get values too; the caller reads only c >= k.
 template <int kRowsB, typename lane_t, typename scalar_t>
 GLOW_HD void triangular_rows(const TriangularProduct<scalar_t>& a, int64_t k0) {
-  constexpr int64_t lanes = sizeof(lane_t) / sizeof(scalar_t);
+  constexpr int64_t lanes = sizeof(lane_t) / sizeof(double);
   constexpr int64_t width = kChainLanes * lanes;
   const int64_t C = a.channels, S = a.stride;
-  const auto coef = [&](int r, int64_t m) { return a.t[(k0 + r) * a.t_row + m * a.t_col]; };
+  const auto coef = [&](int r, int64_t m) {
+    return static_cast<double>(a.t[(k0 + r) * a.t_row + m * a.t_col]);
+  };
   for (int64_t c0 = k0 / lanes * lanes; c0 < C; c0 += width) {
     lane_t acc[kRowsB][kChainLanes];
     for (int r = 0; r < kRowsB; ++r) {
-      const StridedLoad<lane_t, scalar_t> row{a.b + (k0 + r) * S + c0, lanes};
+      const StridedLoad<lane_t, double> row{a.b + (k0 + r) * S + c0, lanes};
       for (int l = 0; l < kChainLanes; ++l) acc[r][l] = a.alpha[k0 + r] * row(l);
     }
     // m inside the block: row k0 + r takes T(k0 + r, m) only for m > k0 + r.
     for (int64_t m = k0 + 1; m < k0 + kRowsB; ++m) {
-      const StridedLoad<lane_t, scalar_t> row{a.b + m * S + c0, lanes};
+      const StridedLoad<lane_t, double> row{a.b + m * S + c0, lanes};
       for (int l = 0; l < kChainLanes; ++l) {
         const lane_t b_m = row(l);
         for (int r = 0; r < m - k0; ++r) acc[r][l] += coef(r, m) * b_m;
       }
     }
     for (int64_t m = k0 + kRowsB; m < C; ++m) {
-      const StridedLoad<lane_t, scalar_t> row{a.b + m * S + c0, lanes};
+      const StridedLoad<lane_t, double> row{a.b + m * S + c0, lanes};
       lane_t b_m[kChainLanes];
       for (int l = 0; l < kChainLanes; ++l) b_m[l] = row(l);
       for (int r = 0; r < kRowsB; ++r) {
-        const scalar_t t = coef(r, m);
+        const double t = coef(r, m);
         for (int l = 0; l < kChainLanes; ++l) acc[r][l] += t * b_m[l];
       }
     }
@@ -276,8 +283,8 @@ GLOW_HD void triangular_rows(const TriangularProduct<scalar_t>& a, int64_t k0) {
 template <typename scalar_t>
 struct LowerUpperProduct {
   const scalar_t* lower;
-  const scalar_t* upper_factor;
-  scalar_t* out;
+  const double* upper_factor;
+  double* out;
   int64_t channels, stride;
 };
 
@@ -285,32 +292,32 @@ struct LowerUpperProduct {
 // column k, so a block of columns takes only the k before its end.
 template <int kRowsB, typename lane_t, typename scalar_t>
 GLOW_HD void lower_upper_rows(const LowerUpperProduct<scalar_t>& a, int64_t r0) {
-  constexpr int64_t lanes = sizeof(lane_t) / sizeof(scalar_t);
+  constexpr int64_t lanes = sizeof(lane_t) / sizeof(double);
   constexpr int64_t width = kChainLanes * lanes;
   const int64_t C = a.channels, S = a.stride;
   for (int64_t c0 = 0; c0 < C; c0 += width) {
     lane_t acc[kRowsB][kChainLanes];
     for (int r = 0; r < kRowsB; ++r) {
-      const StridedLoad<lane_t, scalar_t> row{a.upper_factor + (r0 + r) * S + c0, lanes};
+      const StridedLoad<lane_t, double> row{a.upper_factor + (r0 + r) * S + c0, lanes};
       for (int l = 0; l < kChainLanes; ++l) acc[r][l] = row(l);
     }
     const int64_t k_end = std::min(r0, c0 + width);  // every row of the block takes k < r0
     for (int64_t k = 0; k < k_end; ++k) {
-      const StridedLoad<lane_t, scalar_t> row{a.upper_factor + k * S + c0, lanes};
+      const StridedLoad<lane_t, double> row{a.upper_factor + k * S + c0, lanes};
       lane_t u_k[kChainLanes];
       for (int l = 0; l < kChainLanes; ++l) u_k[l] = row(l);
       for (int r = 0; r < kRowsB; ++r) {
-        const scalar_t l_rk = a.lower[(r0 + r) * C + k];
+        const double l_rk = static_cast<double>(a.lower[(r0 + r) * C + k]);
         for (int l = 0; l < kChainLanes; ++l) acc[r][l] += l_rk * u_k[l];
       }
     }
     // k inside the block: row r0 + r takes L[r0 + r][k] only for k < r0 + r.
     for (int64_t k = r0; k < std::min(r0 + kRowsB - 1, c0 + width); ++k) {
-      const StridedLoad<lane_t, scalar_t> row{a.upper_factor + k * S + c0, lanes};
+      const StridedLoad<lane_t, double> row{a.upper_factor + k * S + c0, lanes};
       for (int l = 0; l < kChainLanes; ++l) {
         const lane_t u_k = row(l);
         for (int r = static_cast<int>(k - r0) + 1; r < kRowsB; ++r) {
-          acc[r][l] += a.lower[(r0 + r) * C + k] * u_k;
+          acc[r][l] += static_cast<double>(a.lower[(r0 + r) * C + k]) * u_k;
         }
       }
     }
@@ -322,14 +329,14 @@ GLOW_HD void lower_upper_rows(const LowerUpperProduct<scalar_t>& a, int64_t r0) 
 
 template <typename scalar_t, int kLaneBytes>
 GLOW_HD void lower_upper_block(const LowerUpperProduct<scalar_t>& a, int64_t r0) {
-  using lane_t = Lane<scalar_t, kLaneBytes>;
+  using lane_t = Lane<double, kLaneBytes>;
   if (r0 + kChainRows <= a.channels) return lower_upper_rows<kChainRows, lane_t>(a, r0);
   for (int64_t r = r0; r < a.channels; ++r) lower_upper_rows<1, lane_t>(a, r);
 }
 
 template <typename scalar_t, int kLaneBytes>
 GLOW_HD void triangular_block(const TriangularProduct<scalar_t>& a, int64_t k0) {
-  using lane_t = Lane<scalar_t, kLaneBytes>;
+  using lane_t = Lane<double, kLaneBytes>;
   if (k0 + kChainRows <= a.channels) return triangular_rows<kChainRows, lane_t>(a, k0);
   for (int64_t k = k0; k < a.channels; ++k) triangular_rows<1, lane_t>(a, k);
 }
@@ -538,10 +545,10 @@ void balanced_parallel(int64_t count, bool parallel, CostFn cost, RunFn run) {
   });
 }
 
-// Padded row length of the products' scratch matrices: every SIMD pass of columns stays inside.
-template <typename scalar_t>
+// Padded row length of the products' float64 scratch matrices: every SIMD pass of columns stays
+// inside.
 int64_t product_stride(int64_t C) {
-  constexpr int64_t widest = 64 / sizeof(scalar_t);
+  constexpr int64_t widest = 64 / sizeof(double);
   return (C + kChainLanes * widest + widest - 1) / widest * widest;
 }
 
@@ -576,11 +583,11 @@ bool fold_forward_cpu(const LUParams& p, at::ScalarType acc_dtype, ChannelMap& o
   out.offset = at::empty({C}, bias.options());
   AT_DISPATCH_FLOATING_TYPES(acc_dtype, "glow_ext_fold_forward_cpu", [&] {
     const scalar_t* up = upper.const_data_ptr<scalar_t>();
-    const int64_t S = product_stride<scalar_t>(C);
-    std::vector<scalar_t> upper_factor(C * S, 0), product(C * S);
+    const int64_t S = product_stride(C);
+    std::vector<double> upper_factor(C * S, 0), product(C * S);
     for (int64_t k = 0; k < C; ++k) {
-      upper_factor[k * S + k] = sign_s.const_data_ptr<scalar_t>()[k] *
-                                std::exp(log_s.const_data_ptr<scalar_t>()[k]);
+      upper_factor[k * S + k] = static_cast<double>(sign_s.const_data_ptr<scalar_t>()[k]) *
+                                std::exp(static_cast<double>(log_s.const_data_ptr<scalar_t>()[k]));
       std::copy(up + k * C + k + 1, up + (k + 1) * C, upper_factor.data() + k * S + k + 1);
     }
     const LowerUpperProduct<scalar_t> a{lower.const_data_ptr<scalar_t>(), upper_factor.data(),
@@ -601,18 +608,19 @@ bool fold_forward_cpu(const LUParams& p, at::ScalarType acc_dtype, ChannelMap& o
     });
     const scalar_t* b = bias.const_data_ptr<scalar_t>();
     const int64_t* pm = perm.const_data_ptr<int64_t>();
-    std::vector<scalar_t> scale(C);
-    for (int64_t j = 0; j < C; ++j) scale[j] = std::exp(logs.const_data_ptr<scalar_t>()[j]);
+    std::vector<double> scale(C);
+    for (int64_t j = 0; j < C; ++j) scale[j] = std::exp(static_cast<double>(logs.const_data_ptr<scalar_t>()[j]));
     scalar_t* w = out.weight.mutable_data_ptr<scalar_t>();
     scalar_t* c = out.offset.mutable_data_ptr<scalar_t>();
     for (int64_t i = 0; i < C; ++i) {
-      const scalar_t* row = product.data() + pm[i] * S;
-      scalar_t c_i = 0;
+      const double* row = product.data() + pm[i] * S;
+      double c_i = 0;
       for (int64_t j = 0; j < C; ++j) {
-        w[i * C + j] = row[j] * scale[j];
-        c_i += w[i * C + j] * b[j];
+        const double w_ij = row[j] * scale[j];
+        w[i * C + j] = static_cast<scalar_t>(w_ij);
+        c_i += w_ij * static_cast<double>(b[j]);
       }
-      c[i] = c_i;
+      c[i] = static_cast<scalar_t>(c_i);
     }
   });
   return true;
@@ -682,39 +690,43 @@ bool chain_cpu(const LUParams& p, const at::Tensor& grad_folded, const at::Tenso
     const int64_t* pm = perm.const_data_ptr<int64_t>();
     const scalar_t* gwf = g_folded.const_data_ptr<scalar_t>();
     const scalar_t* gc = g_offset.const_data_ptr<scalar_t>();
-    const scalar_t gld = grad_logdet_hw.item<scalar_t>();
-    std::vector<scalar_t> diag(C), scale(C), ones(C, 1);
+    const double gld = grad_logdet_hw.item<double>();
+    std::vector<double> diag(C), scale(C), ones(C, 1);
     for (int64_t j = 0; j < C; ++j) {
-      diag[j] = sign_s.const_data_ptr<scalar_t>()[j] * std::exp(log_s.const_data_ptr<scalar_t>()[j]);
-      scale[j] = std::exp(logs.const_data_ptr<scalar_t>()[j]);
+      diag[j] = static_cast<double>(sign_s.const_data_ptr<scalar_t>()[j]) *
+                std::exp(static_cast<double>(log_s.const_data_ptr<scalar_t>()[j]));
+      scale[j] = std::exp(static_cast<double>(logs.const_data_ptr<scalar_t>()[j]));
     }
     // ActNorm: dL/db = Wfᵀ·dL/dc, dL/dlogs = Σ_i dL/dWf ⊙ Wf + b ⊙ dL/db (+ the logdet's term).
-    scalar_t* g_bias = out.bias.mutable_data_ptr<scalar_t>();
-    scalar_t* g_logs = out.logs.mutable_data_ptr<scalar_t>();
+    std::vector<double> grad_bias(C, 0), grad_logs(C, 0);
     if (folded.defined()) {
       const auto wf_c = folded.contiguous();
       const scalar_t* wf = wf_c.const_data_ptr<scalar_t>();
-      std::fill(g_bias, g_bias + C, scalar_t(0));
-      std::fill(g_logs, g_logs + C, scalar_t(0));
       for (int64_t i = 0; i < C; ++i) {
         for (int64_t j = 0; j < C; ++j) {
-          g_bias[j] += wf[i * C + j] * gc[i];
-          g_logs[j] += gwf[i * C + j] * wf[i * C + j];
+          grad_bias[j] += static_cast<double>(wf[i * C + j]) * static_cast<double>(gc[i]);
+          grad_logs[j] += static_cast<double>(gwf[i * C + j]) * static_cast<double>(wf[i * C + j]);
         }
       }
     } else {
-      const auto grad_bias = terms.grad_bias.contiguous(), column_dot = terms.column_dot.contiguous();
-      std::copy_n(grad_bias.const_data_ptr<scalar_t>(), C, g_bias);
-      std::copy_n(column_dot.const_data_ptr<scalar_t>(), C, g_logs);
+      const auto bias_term = terms.grad_bias.contiguous(), column_dot = terms.column_dot.contiguous();
+      std::copy_n(bias_term.const_data_ptr<scalar_t>(), C, grad_bias.data());
+      std::copy_n(column_dot.const_data_ptr<scalar_t>(), C, grad_logs.data());
     }
-    for (int64_t j = 0; j < C; ++j) g_logs[j] += g_bias[j] * b[j] + gld;
+    scalar_t* g_bias = out.bias.mutable_data_ptr<scalar_t>();
+    scalar_t* g_logs = out.logs.mutable_data_ptr<scalar_t>();
+    for (int64_t j = 0; j < C; ++j) {
+      g_bias[j] = static_cast<scalar_t>(grad_bias[j]);
+      g_logs[j] = static_cast<scalar_t>(grad_logs[j] + grad_bias[j] * static_cast<double>(b[j]) + gld);
+    }
     // g_v = Pᵀ·dL/dW, dL/dW = (dL/dWf + dL/dc ⊗ b)·diag(a) (row i goes to perm[i]), and its
     // transpose, in rows padded for the products' widest SIMD pass.
-    const int64_t S = product_stride<scalar_t>(C);
-    std::vector<scalar_t> g_v(C * S, 0), g_v_t(C * S, 0), upper_full(C * S), lower_full_t(C * S);
+    const int64_t S = product_stride(C);
+    std::vector<double> g_v(C * S, 0), g_v_t(C * S, 0), upper_full(C * S), lower_full_t(C * S);
     for (int64_t i = 0; i < C; ++i) {
       for (int64_t j = 0; j < C; ++j) {
-        const scalar_t v = (gwf[i * C + j] + gc[i] * b[j]) * scale[j];
+        const double v = (static_cast<double>(gwf[i * C + j]) +
+                          static_cast<double>(gc[i]) * static_cast<double>(b[j])) * scale[j];
         g_v[pm[i] * S + j] = v;
         g_v_t[j * S + pm[i]] = v;
       }
@@ -731,10 +743,10 @@ bool chain_cpu(const LUParams& p, const at::Tensor& grad_folded, const at::Tenso
     scalar_t* g_log_s = out.log_s.mutable_data_ptr<scalar_t>();
     for (int64_t r = 0; r < C; ++r) {
       for (int64_t k = 0; k < C; ++k) {
-        g_lower[r * C + k] = k < r ? lower_full_t[k * S + r] : scalar_t(0);
-        g_upper[r * C + k] = k > r ? upper_full[r * S + k] : scalar_t(0);
+        g_lower[r * C + k] = static_cast<scalar_t>(k < r ? lower_full_t[k * S + r] : 0.0);
+        g_upper[r * C + k] = static_cast<scalar_t>(k > r ? upper_full[r * S + k] : 0.0);
       }
-      g_log_s[r] = upper_full[r * S + r] * diag[r] + gld;
+      g_log_s[r] = static_cast<scalar_t>(upper_full[r * S + r] * diag[r] + gld);
     }
   });
   return true;
