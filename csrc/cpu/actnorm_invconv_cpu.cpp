@@ -237,43 +237,55 @@ struct TriangularProduct {
   int64_t channels, stride;
 };
 
-// Rows [k0, k0 + kRowsB) of a TriangularProduct, kChainLanes registers of columns at a time from
-// the lane holding column k0 on: each load of b[m] feeds kRowsB FMAs. Columns left of the diagonal
-// get values too; the caller reads only c >= k.
+// kRowsB output rows x kChainLanes SIMD registers of columns, held in registers while rows of b are
+// added in: each load of a row of b feeds kRowsB FMAs.
+template <int kRowsB, typename lane_t>
+struct RowBlock {
+  static constexpr int64_t kLanes = sizeof(lane_t) / sizeof(double);
+  lane_t acc[kRowsB][kChainLanes];
+
+  // acc[r] = scale(r)·(row r of `rows`), the rows `stride` apart, at the block's columns.
+  template <typename ScaleFn>
+  GLOW_HD void load(const double* rows, int64_t stride, ScaleFn scale) {
+    for (int r = 0; r < kRowsB; ++r) {
+      const StridedLoad<lane_t, double> row{rows + r * stride, kLanes};
+      for (int l = 0; l < kChainLanes; ++l) acc[r][l] = scale(r) * row(l);
+    }
+  }
+  // acc[r] += coef(r)·b for r in [r_begin, r_end), b one row at the block's columns.
+  template <typename CoefFn>
+  GLOW_HD void add(const double* b, int r_begin, int r_end, CoefFn coef) {
+    const StridedLoad<lane_t, double> row{b, kLanes};
+    lane_t b_l[kChainLanes];
+    for (int l = 0; l < kChainLanes; ++l) b_l[l] = row(l);
+    for (int r = r_begin; r < r_end; ++r) {
+      const double t = coef(r);
+      for (int l = 0; l < kChainLanes; ++l) acc[r][l] += t * b_l[l];
+    }
+  }
+  GLOW_HD void store(double* rows, int64_t stride) const {
+    for (int r = 0; r < kRowsB; ++r) __builtin_memcpy(rows + r * stride, acc[r], sizeof(acc[r]));
+  }
+};
+
+// Rows [k0, k0 + kRowsB) of a TriangularProduct, from the lane holding column k0 on. Columns left
+// of the diagonal get values too; the caller reads only c >= k.
 template <int kRowsB, typename lane_t, typename scalar_t>
 GLOW_HD void triangular_rows(const TriangularProduct<scalar_t>& a, int64_t k0) {
-  constexpr int64_t lanes = sizeof(lane_t) / sizeof(double);
-  constexpr int64_t width = kChainLanes * lanes;
+  using Block = RowBlock<kRowsB, lane_t>;
   const int64_t C = a.channels, S = a.stride;
-  const auto coef = [&](int r, int64_t m) {
-    return static_cast<double>(a.t[(k0 + r) * a.t_row + m * a.t_col]);
+  const auto coef = [&](int64_t m) {
+    return [&a, k0, m](int r) { return static_cast<double>(a.t[(k0 + r) * a.t_row + m * a.t_col]); };
   };
-  for (int64_t c0 = k0 / lanes * lanes; c0 < C; c0 += width) {
-    lane_t acc[kRowsB][kChainLanes];
-    for (int r = 0; r < kRowsB; ++r) {
-      const StridedLoad<lane_t, double> row{a.b + (k0 + r) * S + c0, lanes};
-      for (int l = 0; l < kChainLanes; ++l) acc[r][l] = a.alpha[k0 + r] * row(l);
-    }
+  for (int64_t c0 = k0 / Block::kLanes * Block::kLanes; c0 < C; c0 += kChainLanes * Block::kLanes) {
+    Block block;
+    block.load(a.b + k0 * S + c0, S, [&](int r) { return a.alpha[k0 + r]; });
     // m inside the block: row k0 + r takes T(k0 + r, m) only for m > k0 + r.
     for (int64_t m = k0 + 1; m < k0 + kRowsB; ++m) {
-      const StridedLoad<lane_t, double> row{a.b + m * S + c0, lanes};
-      for (int l = 0; l < kChainLanes; ++l) {
-        const lane_t b_m = row(l);
-        for (int r = 0; r < m - k0; ++r) acc[r][l] += coef(r, m) * b_m;
-      }
+      block.add(a.b + m * S + c0, 0, static_cast<int>(m - k0), coef(m));
     }
-    for (int64_t m = k0 + kRowsB; m < C; ++m) {
-      const StridedLoad<lane_t, double> row{a.b + m * S + c0, lanes};
-      lane_t b_m[kChainLanes];
-      for (int l = 0; l < kChainLanes; ++l) b_m[l] = row(l);
-      for (int r = 0; r < kRowsB; ++r) {
-        const double t = coef(r, m);
-        for (int l = 0; l < kChainLanes; ++l) acc[r][l] += t * b_m[l];
-      }
-    }
-    for (int r = 0; r < kRowsB; ++r) {
-      __builtin_memcpy(a.out + (k0 + r) * S + c0, acc[r], sizeof(acc[r]));
-    }
+    for (int64_t m = k0 + kRowsB; m < C; ++m) block.add(a.b + m * S + c0, 0, kRowsB, coef(m));
+    block.store(a.out + k0 * S + c0, S);
   }
 }
 
@@ -288,42 +300,26 @@ struct LowerUpperProduct {
   int64_t channels, stride;
 };
 
-// Rows [r0, r0 + kRowsB) of a LowerUpperProduct, as triangular_rows. Row k of U' is zero left of
-// column k, so a block of columns takes only the k before its end.
+// Rows [r0, r0 + kRowsB) of a LowerUpperProduct. Row k of U' is zero left of column k, so a block
+// of columns takes only the k before its end.
 template <int kRowsB, typename lane_t, typename scalar_t>
 GLOW_HD void lower_upper_rows(const LowerUpperProduct<scalar_t>& a, int64_t r0) {
-  constexpr int64_t lanes = sizeof(lane_t) / sizeof(double);
-  constexpr int64_t width = kChainLanes * lanes;
+  using Block = RowBlock<kRowsB, lane_t>;
+  constexpr int64_t width = kChainLanes * Block::kLanes;
   const int64_t C = a.channels, S = a.stride;
+  const auto coef = [&](int64_t k) {
+    return [&a, r0, k, C](int r) { return static_cast<double>(a.lower[(r0 + r) * C + k]); };
+  };
   for (int64_t c0 = 0; c0 < C; c0 += width) {
-    lane_t acc[kRowsB][kChainLanes];
-    for (int r = 0; r < kRowsB; ++r) {
-      const StridedLoad<lane_t, double> row{a.upper_factor + (r0 + r) * S + c0, lanes};
-      for (int l = 0; l < kChainLanes; ++l) acc[r][l] = row(l);
-    }
+    Block block;
+    block.load(a.upper_factor + r0 * S + c0, S, [](int) { return 1.0; });
     const int64_t k_end = std::min(r0, c0 + width);  // every row of the block takes k < r0
-    for (int64_t k = 0; k < k_end; ++k) {
-      const StridedLoad<lane_t, double> row{a.upper_factor + k * S + c0, lanes};
-      lane_t u_k[kChainLanes];
-      for (int l = 0; l < kChainLanes; ++l) u_k[l] = row(l);
-      for (int r = 0; r < kRowsB; ++r) {
-        const double l_rk = static_cast<double>(a.lower[(r0 + r) * C + k]);
-        for (int l = 0; l < kChainLanes; ++l) acc[r][l] += l_rk * u_k[l];
-      }
-    }
+    for (int64_t k = 0; k < k_end; ++k) block.add(a.upper_factor + k * S + c0, 0, kRowsB, coef(k));
     // k inside the block: row r0 + r takes L[r0 + r][k] only for k < r0 + r.
     for (int64_t k = r0; k < std::min(r0 + kRowsB - 1, c0 + width); ++k) {
-      const StridedLoad<lane_t, double> row{a.upper_factor + k * S + c0, lanes};
-      for (int l = 0; l < kChainLanes; ++l) {
-        const lane_t u_k = row(l);
-        for (int r = static_cast<int>(k - r0) + 1; r < kRowsB; ++r) {
-          acc[r][l] += static_cast<double>(a.lower[(r0 + r) * C + k]) * u_k;
-        }
-      }
+      block.add(a.upper_factor + k * S + c0, static_cast<int>(k - r0) + 1, kRowsB, coef(k));
     }
-    for (int r = 0; r < kRowsB; ++r) {
-      __builtin_memcpy(a.out + (r0 + r) * S + c0, acc[r], sizeof(acc[r]));
-    }
+    block.store(a.out + r0 * S + c0, S);
   }
 }
 
