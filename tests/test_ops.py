@@ -504,6 +504,35 @@ def test_double_backward_raises(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", SMALL_SHAPES[:3])
+def test_eager_functions_match_the_registered_autograd(shape, device):
+    """glow_ext.ops records its eager training calls with its own autograd.Functions; torch.ops
+    callers (and torch.compile) get the op registrations' autograd. Same ops, same gradients."""
+    x, params = _setup(shape, torch.float64, device, seed=9)
+    g = torch.randn_like(x)
+    diff = [i for i, name in enumerate(PARAM_NAMES) if name in DIFF_PARAM_NAMES]
+    cases = (
+        (ops.actnorm_invconv_lu, lambda *a: torch.ops.glow_ext._actnorm_invconv_lu_train(*a)[:2],
+         "FusedActNormInvConvLU"),
+        (ops.actnorm_invconv_lu, torch.ops.glow_ext.actnorm_invconv_lu, "FusedActNormInvConvLU"),
+        (ops.actnorm_invconv_lu_inverse, lambda *a: torch.ops.glow_ext._actnorm_invconv_lu_inverse_train(*a)[0],
+         "FusedActNormInvConvLUInverse"),
+        (ops.actnorm_invconv_lu_inverse, torch.ops.glow_ext.actnorm_invconv_lu_inverse,
+         "FusedActNormInvConvLUInverse"))
+    for eager, registered, node in cases:
+        grads = []
+        for fn in (eager, registered):
+            xg, pg = _with_grad(x, params)
+            out = fn(xg, *pg)
+            y = out[0] if isinstance(out, tuple) else out
+            loss = (y * g).sum() + (0.3 * out[1] if isinstance(out, tuple) else 0)
+            grads.append(torch.autograd.grad(loss, (xg, *(pg[i] for i in diff))))
+            assert (type(y.grad_fn).__name__ == f"_{node}Backward") == (fn is eager)
+        for got, expected in zip(*grads):
+            torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_logdet_matches_brute_force_jacobian(device):
     """logdet = log|det J| of the full (C·H·W)² Jacobian of one sample, in float64."""
     for C in (3, 4, 5):
