@@ -263,6 +263,11 @@ struct RowBlock {
       for (int l = 0; l < kChainLanes; ++l) acc[r][l] += t * b_l[l];
     }
   }
+  GLOW_HD void clear() {
+    for (int r = 0; r < kRowsB; ++r) {
+      for (int l = 0; l < kChainLanes; ++l) acc[r][l] = lane_t{};
+    }
+  }
   GLOW_HD void store(double* rows, int64_t stride) const {
     for (int r = 0; r < kRowsB; ++r) __builtin_memcpy(rows + r * stride, acc[r], sizeof(acc[r]));
   }
@@ -337,9 +342,9 @@ GLOW_HD void triangular_block(const TriangularProduct<scalar_t>& a, int64_t k0) 
   for (int64_t k = k0; k < a.channels; ++k) triangular_rows<1, lane_t>(a, k);
 }
 
-// The inverse map's float64 algebra: L⁻¹, U'⁻¹ and M = U'⁻¹·L⁻¹, each row a sum of rows already
-// done, so every inner loop is an axpy over contiguous doubles that the compiler vectorises.
-// Task 0 computes L⁻¹, task 1 U'⁻¹, task 2 + i row i of M (after both).
+// The inverse map's float64 algebra: L⁻¹ and U'⁻¹ row by row, each row a sum of rows already done
+// (axpy loops over contiguous doubles that the compiler vectorises), then M = U'⁻¹·L⁻¹ in register
+// blocks of rows. The three matrices have `stride` >= C columns, zero-padded.
 template <typename scalar_t>
 struct InverseFactors {
   const scalar_t* lower;  // strict lower part read
@@ -348,46 +353,68 @@ struct InverseFactors {
   double* lower_inv;
   double* upper_inv;
   double* product;
-  int64_t channels;
+  int64_t channels, stride;
 };
 
+// L⁻¹ (upper = false) or U'⁻¹ (upper = true).
 template <typename scalar_t>
-GLOW_HD void inverse_factors_task(const InverseFactors<scalar_t>& a, int64_t task) {
-  const int64_t C = a.channels;
-  if (task == 0) {  // row i of L⁻¹ = e_i − Σ_{k<i} L[i][k]·(row k), row k zero past column k
+GLOW_HD void invert_factor(const InverseFactors<scalar_t>& a, bool upper) {
+  const int64_t C = a.channels, S = a.stride;
+  if (!upper) {  // row i of L⁻¹ = e_i − Σ_{k<i} L[i][k]·(row k), row k zero past column k
     for (int64_t i = 0; i < C; ++i) {
-      double* row = a.lower_inv + i * C;
-      std::fill(row, row + C, 0.0);
+      double* row = a.lower_inv + i * S;
+      std::fill(row, row + S, 0.0);
       row[i] = 1;
       for (int64_t k = 0; k < i; ++k) {
         const double coef = -static_cast<double>(a.lower[i * C + k]);
-        const double* row_k = a.lower_inv + k * C;
+        const double* row_k = a.lower_inv + k * S;
         for (int64_t c = 0; c <= k; ++c) row[c] += coef * row_k[c];
       }
     }
-  } else if (task == 1) {  // row i of U'⁻¹ = (e_i − Σ_{k>i} U'[i][k]·(row k)) / d_i
-    for (int64_t i = C - 1; i >= 0; --i) {
-      double* row = a.upper_inv + i * C;
-      std::fill(row, row + C, 0.0);
-      row[i] = 1;
-      for (int64_t k = i + 1; k < C; ++k) {
-        const double coef = -static_cast<double>(a.upper[i * C + k]);
-        const double* row_k = a.upper_inv + k * C;
-        for (int64_t c = k; c < C; ++c) row[c] += coef * row_k[c];
-      }
-      const double inv_d = 1.0 / a.diag[i];
-      for (int64_t c = i; c < C; ++c) row[c] *= inv_d;
-    }
-  } else {  // row i of M = Σ_{k>=i} U'⁻¹[i][k]·(row k of L⁻¹)
-    const int64_t i = task - 2;
-    double* row = a.product + i * C;
-    std::fill(row, row + C, 0.0);
-    for (int64_t k = i; k < C; ++k) {
-      const double coef = a.upper_inv[i * C + k];
-      const double* row_k = a.lower_inv + k * C;
-      for (int64_t c = 0; c <= k; ++c) row[c] += coef * row_k[c];
-    }
+    return;
   }
+  for (int64_t i = C - 1; i >= 0; --i) {  // row i of U'⁻¹ = (e_i − Σ_{k>i} U'[i][k]·(row k)) / d_i
+    double* row = a.upper_inv + i * S;
+    std::fill(row, row + S, 0.0);
+    row[i] = 1;
+    for (int64_t k = i + 1; k < C; ++k) {
+      const double coef = -static_cast<double>(a.upper[i * C + k]);
+      const double* row_k = a.upper_inv + k * S;
+      for (int64_t c = k; c < C; ++c) row[c] += coef * row_k[c];
+    }
+    const double inv_d = 1.0 / a.diag[i];
+    for (int64_t c = i; c < C; ++c) row[c] *= inv_d;
+  }
+}
+
+// Rows [i0, i0 + kRowsB) of M = U'⁻¹·L⁻¹: row i takes the rows k >= i of L⁻¹, and row k of L⁻¹
+// is zero right of column k, so a block of columns takes only the k from its start on.
+template <int kRowsB, typename lane_t, typename scalar_t>
+GLOW_HD void inverse_product_rows(const InverseFactors<scalar_t>& a, int64_t i0) {
+  using Block = RowBlock<kRowsB, lane_t>;
+  const int64_t C = a.channels, S = a.stride;
+  const auto coef = [&](int64_t k) {
+    return [&a, i0, k, S](int r) { return a.upper_inv[(i0 + r) * S + k]; };
+  };
+  for (int64_t c0 = 0; c0 < C; c0 += kChainLanes * Block::kLanes) {
+    Block block;
+    block.clear();
+    // k inside the block: row i0 + r takes U'⁻¹[i0 + r][k] only for k >= i0 + r.
+    for (int64_t k = std::max(i0, c0); k < i0 + kRowsB - 1; ++k) {
+      block.add(a.lower_inv + k * S + c0, 0, static_cast<int>(k - i0) + 1, coef(k));
+    }
+    for (int64_t k = std::max(i0 + kRowsB - 1, c0); k < C; ++k) {
+      block.add(a.lower_inv + k * S + c0, 0, kRowsB, coef(k));
+    }
+    block.store(a.product + i0 * S + c0, S);
+  }
+}
+
+template <typename scalar_t, int kLaneBytes>
+GLOW_HD void inverse_product_block(const InverseFactors<scalar_t>& a, int64_t i0) {
+  using lane_t = Lane<double, kLaneBytes>;
+  if (i0 + kChainRows <= a.channels) return inverse_product_rows<kChainRows, lane_t>(a, i0);
+  for (int64_t i = i0; i < a.channels; ++i) inverse_product_rows<1, lane_t>(a, i);
 }
 
 // One copy of the loops per instruction set; the always-inline math above is compiled into each.
@@ -411,8 +438,12 @@ GLOW_HD void inverse_factors_task(const InverseFactors<scalar_t>& a, int64_t tas
     lower_upper_block<scalar_t, LANE_BYTES>(a, r0);                                             \
   }                                                                                             \
   template <typename scalar_t>                                                                  \
-  TARGET void inverse_factors_task_##SUFFIX(const InverseFactors<scalar_t>& a, int64_t task) {  \
-    inverse_factors_task(a, task);                                                              \
+  TARGET void invert_factor_##SUFFIX(const InverseFactors<scalar_t>& a, bool upper) {           \
+    invert_factor(a, upper);                                                                    \
+  }                                                                                             \
+  template <typename scalar_t>                                                                  \
+  TARGET void inverse_product_block_##SUFFIX(const InverseFactors<scalar_t>& a, int64_t i0) {   \
+    inverse_product_block<scalar_t, LANE_BYTES>(a, i0);                                         \
   }
 #if defined(__x86_64__)
 GLOW_EXT_ISA_VARIANT(avx512, __attribute__((target("avx512f,avx2,fma"))), 64, 4)
@@ -622,17 +653,6 @@ bool fold_forward_cpu(const LUParams& p, at::ScalarType acc_dtype, ChannelMap& o
   return true;
 }
 
-template <typename scalar_t>
-void run_inverse_factors_task(const InverseFactors<scalar_t>& a, int64_t task) {
-  switch (kIsa) {
-#if defined(__x86_64__)
-    case Isa::kAvx512: return inverse_factors_task_avx512(a, task);
-    case Isa::kAvx2: return inverse_factors_task_avx2(a, task);
-#endif
-    default: return inverse_factors_task_baseline(a, task);
-  }
-}
-
 // Wf⁻¹ = diag(exp(−logs))·U'⁻¹·L⁻¹·Pᵀ and the offset −bias from explicit triangular inverses in
 // float64 loops: the generic version's float64 solves and ~20 ATen launches cost more up to
 // kInverseFoldMaxChannels (inverse forward + backward at 1x8x4x4 ... 1x128x4x4).
@@ -643,26 +663,45 @@ bool fold_inverse_cpu(const LUParams& p, at::ScalarType acc_dtype, ChannelMap& o
   out.weight = at::empty({C, C}, bias.options());
   out.offset = -bias;
   AT_DISPATCH_FLOATING_TYPES(acc_dtype, "glow_ext_fold_inverse_cpu", [&] {
-    std::vector<double> diag(C), lower_inv(C * C), upper_inv(C * C), product(C * C);
+    const int64_t S = product_stride(C);
+    std::vector<double> diag(C), lower_inv(C * S), upper_inv(C * S), product(C * S);
     for (int64_t i = 0; i < C; ++i) {
       diag[i] = static_cast<double>(sign_s.const_data_ptr<scalar_t>()[i]) *
                 std::exp(static_cast<double>(log_s.const_data_ptr<scalar_t>()[i]));
     }
     const InverseFactors<scalar_t> a{lower.const_data_ptr<scalar_t>(), upper.const_data_ptr<scalar_t>(),
-                                     diag.data(), lower_inv.data(), upper_inv.data(), product.data(), C};
+                                     diag.data(), lower_inv.data(), upper_inv.data(), product.data(), C, S};
     const bool parallel = C >= kChainParallelChannels;
     at::parallel_for(0, 2, parallel ? 1 : 2, [&](int64_t begin, int64_t end) {
-      for (int64_t task = begin; task < end; ++task) run_inverse_factors_task(a, task);
+      for (int64_t task = begin; task < end; ++task) {
+        switch (kIsa) {
+#if defined(__x86_64__)
+          case Isa::kAvx512: invert_factor_avx512(a, task == 1); break;
+          case Isa::kAvx2: invert_factor_avx2(a, task == 1); break;
+#endif
+          default: invert_factor_baseline(a, task == 1); break;
+        }
+      }
     });
-    const auto cost = [&](int64_t i) {  // Σ_{k>=i} (k + 1)
-      return static_cast<double>(C * C + C - i * i - i);
+    const int64_t blocks = (C + kChainRows - 1) / kChainRows;
+    const auto cost = [&](int64_t t) {  // Σ_c (C - max(i, c)) over the columns
+      const double i = static_cast<double>(t * kChainRows);
+      return static_cast<double>(C) * static_cast<double>(C) - i * i / 2;
     };
-    balanced_parallel(C, parallel, cost, [&](int64_t i) { run_inverse_factors_task(a, 2 + i); });
+    balanced_parallel(blocks, parallel, cost, [&](int64_t t) {
+      switch (kIsa) {
+#if defined(__x86_64__)
+        case Isa::kAvx512: return inverse_product_block_avx512(a, t * kChainRows);
+        case Isa::kAvx2: return inverse_product_block_avx2(a, t * kChainRows);
+#endif
+        default: return inverse_product_block_baseline(a, t * kChainRows);
+      }
+    });
     const int64_t* pm = perm.const_data_ptr<int64_t>();
     scalar_t* w = out.weight.mutable_data_ptr<scalar_t>();
     for (int64_t i = 0; i < C; ++i) {
       const double row_scale = std::exp(-static_cast<double>(logs.const_data_ptr<scalar_t>()[i]));
-      for (int64_t j = 0; j < C; ++j) w[i * C + j] = static_cast<scalar_t>(row_scale * product[i * C + pm[j]]);
+      for (int64_t j = 0; j < C; ++j) w[i * C + j] = static_cast<scalar_t>(row_scale * product[i * S + pm[j]]);
     }
   });
   return true;
