@@ -342,59 +342,77 @@ GLOW_HD void triangular_block(const TriangularProduct<scalar_t>& a, int64_t k0) 
   for (int64_t k = k0; k < a.channels; ++k) triangular_rows<1, lane_t>(a, k);
 }
 
-// The inverse map's float64 algebra: L⁻¹ and U'⁻¹ row by row, each row a sum of rows already done
-// (axpy loops over contiguous doubles that the compiler vectorises), then M = U'⁻¹·L⁻¹ in register
-// blocks of rows. The three matrices have `stride` >= C columns, zero-padded.
+// The inverse of a lower triangular T in float64, X = T⁻¹: T(i, k) = t[i·t_row + k·t_col] below
+// the diagonal (negative strides read U' backwards: J·U'·J is lower triangular, J the reversal),
+// diag[i] on it (1 when diag is null). out has `stride` >= C columns, zero-initialised.
 template <typename scalar_t>
-struct InverseFactors {
-  const scalar_t* lower;  // strict lower part read
-  const scalar_t* upper;  // strict upper part read
-  const double* diag;     // U''s diagonal
-  double* lower_inv;
-  double* upper_inv;
-  double* product;
+struct LowerInverse {
+  const scalar_t* t;
+  int64_t t_row, t_col;
+  const double* diag;
+  double* out;
   int64_t channels, stride;
 };
 
-// L⁻¹ (upper = false) or U'⁻¹ (upper = true).
-template <typename scalar_t>
-GLOW_HD void invert_factor(const InverseFactors<scalar_t>& a, bool upper) {
-  const int64_t C = a.channels, S = a.stride;
-  if (!upper) {  // row i of L⁻¹ = e_i − Σ_{k<i} L[i][k]·(row k), row k zero past column k
-    for (int64_t i = 0; i < C; ++i) {
-      double* row = a.lower_inv + i * S;
-      std::fill(row, row + S, 0.0);
-      row[i] = 1;
-      for (int64_t k = 0; k < i; ++k) {
-        const double coef = -static_cast<double>(a.lower[i * C + k]);
-        const double* row_k = a.lower_inv + k * S;
-        for (int64_t c = 0; c <= k; ++c) row[c] += coef * row_k[c];
+// Rows [i0, i0 + kRowsB) of X: row i = (e_i − Σ_{k<i} T(i, k)·(row k)) / diag_i. The rows before
+// the block are done, so their terms go through a register block; the few terms between rows of
+// the block follow in memory, in row order. Row k is zero right of column k, so a block of columns
+// takes only the k from its start on, and the rows need no columns past their own.
+template <int kRowsB, typename lane_t, typename scalar_t>
+GLOW_HD void lower_inverse_rows(const LowerInverse<scalar_t>& a, int64_t i0) {
+  using Block = RowBlock<kRowsB, lane_t>;
+  constexpr int64_t width = kChainLanes * Block::kLanes;
+  const int64_t S = a.stride;
+  const auto t = [&a](int64_t i, int64_t k) { return static_cast<double>(a.t[i * a.t_row + k * a.t_col]); };
+  for (int64_t c0 = 0; c0 < i0 + kRowsB; c0 += width) {
+    Block block;
+    block.clear();
+    for (int64_t k = c0; k < i0; ++k) {
+      block.add(a.out + k * S + c0, 0, kRowsB, [&t, i0, k](int r) { return -t(i0 + r, k); });
+    }
+    block.store(a.out + i0 * S + c0, S);
+    for (int r = 0; r < kRowsB; ++r) {
+      double* row = a.out + (i0 + r) * S;
+      if (c0 <= i0 + r && i0 + r < c0 + width) row[i0 + r] += 1;
+      for (int q = 0; q < r; ++q) {
+        const double coef = t(i0 + r, i0 + q);
+        const double* row_q = a.out + (i0 + q) * S;
+        for (int64_t c = c0; c < c0 + width; ++c) row[c] -= coef * row_q[c];
+      }
+      if (a.diag != nullptr) {
+        const double inv_d = 1.0 / a.diag[i0 + r];
+        for (int64_t c = c0; c < c0 + width; ++c) row[c] *= inv_d;
       }
     }
-    return;
-  }
-  for (int64_t i = C - 1; i >= 0; --i) {  // row i of U'⁻¹ = (e_i − Σ_{k>i} U'[i][k]·(row k)) / d_i
-    double* row = a.upper_inv + i * S;
-    std::fill(row, row + S, 0.0);
-    row[i] = 1;
-    for (int64_t k = i + 1; k < C; ++k) {
-      const double coef = -static_cast<double>(a.upper[i * C + k]);
-      const double* row_k = a.upper_inv + k * S;
-      for (int64_t c = k; c < C; ++c) row[c] += coef * row_k[c];
-    }
-    const double inv_d = 1.0 / a.diag[i];
-    for (int64_t c = i; c < C; ++c) row[c] *= inv_d;
   }
 }
 
+// All of X, block after block (each needs the rows before it).
+template <typename scalar_t, int kLaneBytes>
+GLOW_HD void lower_inverse(const LowerInverse<scalar_t>& a) {
+  using lane_t = Lane<double, kLaneBytes>;
+  int64_t i0 = 0;
+  for (; i0 + kChainRows <= a.channels; i0 += kChainRows) lower_inverse_rows<kChainRows, lane_t>(a, i0);
+  for (; i0 < a.channels; ++i0) lower_inverse_rows<1, lane_t>(a, i0);
+}
+
+// M = U'⁻¹·L⁻¹ from L⁻¹ and the reversed U'⁻¹ (U'⁻¹[i][k] = upper_inv_reversed[C−1−i][C−1−k]),
+// all with `stride` columns.
+struct InverseProduct {
+  const double* lower_inv;
+  const double* upper_inv_reversed;
+  double* out;
+  int64_t channels, stride;
+};
+
 // Rows [i0, i0 + kRowsB) of M = U'⁻¹·L⁻¹: row i takes the rows k >= i of L⁻¹, and row k of L⁻¹
 // is zero right of column k, so a block of columns takes only the k from its start on.
-template <int kRowsB, typename lane_t, typename scalar_t>
-GLOW_HD void inverse_product_rows(const InverseFactors<scalar_t>& a, int64_t i0) {
+template <int kRowsB, typename lane_t>
+GLOW_HD void inverse_product_rows(const InverseProduct& a, int64_t i0) {
   using Block = RowBlock<kRowsB, lane_t>;
   const int64_t C = a.channels, S = a.stride;
   const auto coef = [&](int64_t k) {
-    return [&a, i0, k, S](int r) { return a.upper_inv[(i0 + r) * S + k]; };
+    return [&a, i0, k, C, S](int r) { return a.upper_inv_reversed[(C - 1 - i0 - r) * S + C - 1 - k]; };
   };
   for (int64_t c0 = 0; c0 < C; c0 += kChainLanes * Block::kLanes) {
     Block block;
@@ -406,12 +424,12 @@ GLOW_HD void inverse_product_rows(const InverseFactors<scalar_t>& a, int64_t i0)
     for (int64_t k = std::max(i0 + kRowsB - 1, c0); k < C; ++k) {
       block.add(a.lower_inv + k * S + c0, 0, kRowsB, coef(k));
     }
-    block.store(a.product + i0 * S + c0, S);
+    block.store(a.out + i0 * S + c0, S);
   }
 }
 
-template <typename scalar_t, int kLaneBytes>
-GLOW_HD void inverse_product_block(const InverseFactors<scalar_t>& a, int64_t i0) {
+template <int kLaneBytes>
+GLOW_HD void inverse_product_block(const InverseProduct& a, int64_t i0) {
   using lane_t = Lane<double, kLaneBytes>;
   if (i0 + kChainRows <= a.channels) return inverse_product_rows<kChainRows, lane_t>(a, i0);
   for (int64_t i = i0; i < a.channels; ++i) inverse_product_rows<1, lane_t>(a, i);
@@ -438,12 +456,11 @@ GLOW_HD void inverse_product_block(const InverseFactors<scalar_t>& a, int64_t i0
     lower_upper_block<scalar_t, LANE_BYTES>(a, r0);                                             \
   }                                                                                             \
   template <typename scalar_t>                                                                  \
-  TARGET void invert_factor_##SUFFIX(const InverseFactors<scalar_t>& a, bool upper) {           \
-    invert_factor(a, upper);                                                                    \
+  TARGET void lower_inverse_##SUFFIX(const LowerInverse<scalar_t>& a) {                         \
+    lower_inverse<scalar_t, LANE_BYTES>(a);                                                     \
   }                                                                                             \
-  template <typename scalar_t>                                                                  \
-  TARGET void inverse_product_block_##SUFFIX(const InverseFactors<scalar_t>& a, int64_t i0) {   \
-    inverse_product_block<scalar_t, LANE_BYTES>(a, i0);                                         \
+  TARGET void inverse_product_block_##SUFFIX(const InverseProduct& a, int64_t i0) {             \
+    inverse_product_block<LANE_BYTES>(a, i0);                                                   \
   }
 #if defined(__x86_64__)
 GLOW_EXT_ISA_VARIANT(avx512, __attribute__((target("avx512f,avx2,fma"))), 64, 4)
@@ -664,25 +681,28 @@ bool fold_inverse_cpu(const LUParams& p, at::ScalarType acc_dtype, ChannelMap& o
   out.offset = -bias;
   AT_DISPATCH_FLOATING_TYPES(acc_dtype, "glow_ext_fold_inverse_cpu", [&] {
     const int64_t S = product_stride(C);
-    std::vector<double> diag(C), lower_inv(C * S), upper_inv(C * S), product(C * S);
+    std::vector<double> diag_reversed(C), lower_inv(C * S), upper_inv_reversed(C * S), product(C * S);
     for (int64_t i = 0; i < C; ++i) {
-      diag[i] = static_cast<double>(sign_s.const_data_ptr<scalar_t>()[i]) *
-                std::exp(static_cast<double>(log_s.const_data_ptr<scalar_t>()[i]));
+      diag_reversed[C - 1 - i] = static_cast<double>(sign_s.const_data_ptr<scalar_t>()[i]) *
+                                 std::exp(static_cast<double>(log_s.const_data_ptr<scalar_t>()[i]));
     }
-    const InverseFactors<scalar_t> a{lower.const_data_ptr<scalar_t>(), upper.const_data_ptr<scalar_t>(),
-                                     diag.data(), lower_inv.data(), upper_inv.data(), product.data(), C, S};
+    const LowerInverse<scalar_t> factors[2] = {
+        {lower.const_data_ptr<scalar_t>(), C, 1, nullptr, lower_inv.data(), C, S},
+        {upper.const_data_ptr<scalar_t>() + C * C - 1, -C, -1, diag_reversed.data(),
+         upper_inv_reversed.data(), C, S}};
     const bool parallel = C >= kChainParallelChannels;
     at::parallel_for(0, 2, parallel ? 1 : 2, [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) {
         switch (kIsa) {
 #if defined(__x86_64__)
-          case Isa::kAvx512: invert_factor_avx512(a, task == 1); break;
-          case Isa::kAvx2: invert_factor_avx2(a, task == 1); break;
+          case Isa::kAvx512: lower_inverse_avx512(factors[task]); break;
+          case Isa::kAvx2: lower_inverse_avx2(factors[task]); break;
 #endif
-          default: invert_factor_baseline(a, task == 1); break;
+          default: lower_inverse_baseline(factors[task]); break;
         }
       }
     });
+    const InverseProduct a{lower_inv.data(), upper_inv_reversed.data(), product.data(), C, S};
     const int64_t blocks = (C + kChainRows - 1) / kChainRows;
     const auto cost = [&](int64_t t) {  // Σ_c (C - max(i, c)) over the columns
       const double i = static_cast<double>(t * kChainRows);
