@@ -31,8 +31,8 @@ DTYPES = [torch.float32, torch.float64]
 REDUCED_DTYPES = [torch.float16, torch.bfloat16]
 
 # (N, C, H, W) covering C ∈ {1, 2, 3, 5, 12, 96, 257}, H, W ∈ {1, 3, 7, 32}, N ∈ {1, 3, 64} and every
-# code path. CPU: C ≤ 512 direct SIMD loop (weight fold, inverse map and chain rule by SIMD loops up
-# to C = 256, ATen ops above), C > 512 folded GEMM; C > 192 with
+# code path. CPU: C ≤ 512 direct SIMD loop (weight fold and chain rule by SIMD loops up to C = 256,
+# the inverse map up to 1024, ATen ops above), C > 512 folded GEMM; C > 192 with
 # N·H·W < C factored (triangular factors applied directly). CUDA: C ≤ 64 direct kernel, then cuBLAS.
 SHAPES = [
     pytest.param((1, 1, 1, 1), id="C1-direct"),
@@ -424,10 +424,11 @@ def test_forward_gradients_match_reference(shape, dtype, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_generic_algebra_past_the_cpu_loops(device):
-    """C = 300 > 256 with N·H·W >= C: the weight fold, the inverse map and the chain rule take the
-    device-generic ATen versions, which the CPU replaces with loops up to C = 256 and which CUDA runs
-    at every C past its small-C fold. Outputs and every gradient against the reference, float64."""
-    shape = (1, 300, 16, 19)
+    """C = 1040 > 1024 with N·H·W >= C: the weight fold, the inverse map and the chain rule take the
+    device-generic ATen versions, which the CPU replaces with loops below (fold and chain rule up to
+    C = 256, inverse map up to 1024) and which CUDA runs at every C past its small-C fold. Outputs
+    and every gradient against the reference, float64."""
+    shape = (1, 1040, 33, 32)
     g = make_generator(7)
     params = make_params(shape[1], dtype=torch.float64, device=device, generator=g, factors="near_identity")
     x = make_input(shape, dtype=torch.float64, device=device, generator=g)

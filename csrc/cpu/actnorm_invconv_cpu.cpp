@@ -23,9 +23,9 @@ namespace {
 constexpr int64_t kDirectMaxChannels = 512;  // beat at::baddbmm at every C measured (up to 256)
 // Up to these C the loops (float64 accumulation) beat the generic ATen versions (2 threads,
 // 2026-12-01, fastest of 2 x 300 calls): forward op 1.1-1.5x and backward op 1.1-1.3x at
-// C = 48 ... 256, 0.98x at C = 512 (fold and chain); the inverse map's loops 1.1-1.2x at
-// C = 160 ... 256, slower than the solves at C = 384.
-constexpr int64_t kInverseFoldMaxChannels = 256;
+// C = 48 ... 256, 0.98x at C = 512 (fold and chain); the inverse map's register-blocked loops
+// 1.2-1.6x the float64 solves at C = 320 ... 1024 (inverse op, fastest of 2 x 100 calls).
+constexpr int64_t kInverseFoldMaxChannels = 1024;
 constexpr int64_t kChainMaxChannels = 256;
 constexpr int kChainRows = 4;    // rows of a triangular product computed per pass over its columns
 constexpr int kChainLanes = 2;   // SIMD registers of columns per row in that pass
