@@ -2,7 +2,13 @@
 #include <pybind11/pybind11.h>
 #include <torch/library.h>
 
+#include <torch/extension.h>
+
+#include <cmath>
+#include <vector>
+
 #include "actnorm_invconv.h"
+#include "glow_ext_math.h"
 
 #ifndef GLOW_EXT_CUDA_ARCHS
 #define GLOW_EXT_CUDA_ARCHS ""
@@ -69,4 +75,29 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     info["torch_version"] = GLOW_EXT_TORCH_VERSION;
     return info;
   }, "How the extension was built: kernels compiled, CUDA architectures, torch it was built against.");
+  // The CPU folds with its own loops, so the CPU tests reach CUDA's per-entry fold formula here.
+  m.def("lu_weight_entries", [](const at::Tensor& perm, const at::Tensor& lower, const at::Tensor& upper,
+                                const at::Tensor& log_s, const at::Tensor& sign_s) {
+    const int64_t C = lower.size(0);
+    for (const at::Tensor* t : {&lower, &upper, &log_s, &sign_s}) {
+      TORCH_CHECK(t->is_cpu() && t->scalar_type() == at::kDouble, "lu_weight_entries: float64 CPU tensors");
+    }
+    TORCH_CHECK(perm.is_cpu() && perm.scalar_type() == at::kLong && perm.numel() == C &&
+                    lower.sizes() == upper.sizes() && lower.dim() == 2 && lower.size(1) == C &&
+                    log_s.numel() == C && sign_s.numel() == C,
+                "lu_weight_entries: perm (C,) int64, lower and upper (C, C), log_s and sign_s (C,)");
+    const auto p = perm.contiguous(), lo = lower.contiguous(), up = upper.contiguous();
+    const auto ls = log_s.contiguous(), ss = sign_s.contiguous();
+    std::vector<double> diag(C);
+    for (int64_t j = 0; j < C; ++j) diag[j] = ss.const_data_ptr<double>()[j] * std::exp(ls.const_data_ptr<double>()[j]);
+    auto w = at::empty({C, C}, lower.options());
+    for (int64_t i = 0; i < C; ++i) {
+      for (int64_t j = 0; j < C; ++j) {
+        w.mutable_data_ptr<double>()[i * C + j] = glow_ext::math::lu_weight_entry<double>(
+            lo.const_data_ptr<double>(), up.const_data_ptr<double>(), diag.data(),
+            p.const_data_ptr<int64_t>(), C, i, j);
+      }
+    }
+    return w;
+  }, "W = P·L·U' entry by entry with CUDA's small-C fold formula (glow_ext_math.h), on the host.");
 }

@@ -533,6 +533,18 @@ def test_eager_functions_match_the_registered_autograd(shape, device):
             torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.skipif(not ops.kernels_available(), reason="needs the compiled kernels")
+@pytest.mark.parametrize("C", [1, 2, 5, 12, 33, 64])
+def test_cuda_fold_formula_on_the_host(C):
+    """CUDA's small-C fold builds W entry by entry (glow_ext_math.h's lu_weight_entry); the CPU folds
+    with its own loops, so the formula is checked here, on the host, against the reference."""
+    params = make_params(C, dtype=torch.float64, device="cpu", generator=make_generator(C))
+    perm, lower, upper, log_s, sign_s = params[2:]
+    weight = ops._C.lu_weight_entries(perm, lower, upper, log_s, sign_s)
+    torch.testing.assert_close(weight, reference.lu_weight(perm, lower, upper, log_s, sign_s),
+                               rtol=1e-13, atol=1e-13)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_logdet_matches_brute_force_jacobian(device):
     """logdet = log|det J| of the full (C·H·W)² Jacobian of one sample, in float64."""
