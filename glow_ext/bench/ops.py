@@ -129,14 +129,7 @@ def add_arguments(parser, default_out_dir=None):
     parser.add_argument("--min-time-ms", type=float, default=None,
                         help="minimum duration of one measurement (default: 5, 2 with --quick)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the parameters and inputs")
-    parser.add_argument("--update-readme", action="store_true",
-                        help="replace the README's section between <!-- bench:ops-<device>:begin --> "
-                             "and <!-- bench:ops-<device>:end --> with the tables (full results only)")
-    parser.add_argument("--render-only", action="store_true",
-                        help="time nothing: print the tables of the JSON at --out (and update the "
-                             "README with --update-readme)")
-    parser.add_argument("--readme", type=Path, default=None,
-                        help="README to update (default: the checkout's README.md)")
+    bench_report.add_readme_arguments(parser, "ops-<device>", "print the tables")
     parser.set_defaults(_bench_default_out_dir=default_out_dir)
 
 

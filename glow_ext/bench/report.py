@@ -31,6 +31,19 @@ def default_readme():
     return Path(__file__).resolve().parents[2] / "README.md"
 
 
+def add_readme_arguments(parser, section, rendered):
+    """--update-readme, --readme and --render-only of a benchmark that fills the README's
+    <!-- bench:{section}:begin/end --> section and, with --render-only, `rendered` from --out."""
+    parser.add_argument("--update-readme", action="store_true",
+                        help=f"replace the README's section between <!-- bench:{section}:begin --> and "
+                             f"<!-- bench:{section}:end --> with the results (full results only)")
+    parser.add_argument("--readme", type=Path, default=None,
+                        help="README to update (default: the checkout's README.md)")
+    parser.add_argument("--render-only", action="store_true",
+                        help=f"time nothing: {rendered} from the JSON in --out (and the README section "
+                             "with --update-readme)")
+
+
 def load_reports(out_dir, device):
     reports = {}
     for part in PARTS:

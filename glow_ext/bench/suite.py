@@ -308,14 +308,7 @@ def add_arguments(parser, default_out_dir=None):
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=None,
                         help="run only these parts (default: all; the summary still shows the "
                              "others from their JSON files in --out)")
-    parser.add_argument("--update-readme", action="store_true",
-                        help="replace the README's section between <!-- bench:<device>:begin --> and "
-                             "<!-- bench:<device>:end --> with the summary (full results only)")
-    parser.add_argument("--readme", type=Path, default=None,
-                        help="README to update (default: the checkout's README.md)")
-    parser.add_argument("--render-only", action="store_true",
-                        help="time nothing: redraw plots, SUMMARY-<device>.md (and the README section) "
-                             "from the JSON files in --out")
+    bench_report.add_readme_arguments(parser, "<device>", "redraw the plots and SUMMARY-<device>.md")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads first")
     parser.add_argument("--seed", type=int, default=0, help="seed of every parameter and input")
     parser.set_defaults(_bench_default_out_dir=default_out_dir)
