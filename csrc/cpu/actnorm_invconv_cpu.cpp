@@ -571,6 +571,18 @@ ContiguousParams contiguous_params(const LUParams& p) {
           p.upper.contiguous(), p.log_s.contiguous(), p.sign_s.contiguous()};
 }
 
+// factor[j]·exp(t[j]) in float64 for contiguous (C,) tensors (factor 1 when not given): ActNorm's
+// scale exp(logs) and U''s diagonal sign_s·exp(log_s).
+template <typename scalar_t>
+std::vector<double> scaled_exp(const at::Tensor& t, const at::Tensor* factor = nullptr) {
+  std::vector<double> out(t.numel());
+  for (size_t j = 0; j < out.size(); ++j) {
+    out[j] = std::exp(static_cast<double>(t.const_data_ptr<scalar_t>()[j])) *
+             (factor ? static_cast<double>(factor->const_data_ptr<scalar_t>()[j]) : 1.0);
+  }
+  return out;
+}
+
 // Runs tasks [0, count) on the thread pool, cut into one contiguous range per thread of about equal
 // cost (cost(t): a task's relative flops). The C x C products' row blocks cost (C - k0)² or k0·C:
 // an even cut of the blocks would leave one thread most of the work.
@@ -629,9 +641,9 @@ bool fold_forward_cpu(const LUParams& p, at::ScalarType acc_dtype, ChannelMap& o
     const scalar_t* up = upper.const_data_ptr<scalar_t>();
     const int64_t S = product_stride(C);
     std::vector<double> upper_factor(C * S, 0), product(C * S);
+    const auto diag = scaled_exp<scalar_t>(log_s, &sign_s);
     for (int64_t k = 0; k < C; ++k) {
-      upper_factor[k * S + k] = static_cast<double>(sign_s.const_data_ptr<scalar_t>()[k]) *
-                                std::exp(static_cast<double>(log_s.const_data_ptr<scalar_t>()[k]));
+      upper_factor[k * S + k] = diag[k];
       std::copy(up + k * C + k + 1, up + (k + 1) * C, upper_factor.data() + k * S + k + 1);
     }
     const LowerUpperProduct<scalar_t> a{lower.const_data_ptr<scalar_t>(), upper_factor.data(),
@@ -652,8 +664,7 @@ bool fold_forward_cpu(const LUParams& p, at::ScalarType acc_dtype, ChannelMap& o
     });
     const scalar_t* b = bias.const_data_ptr<scalar_t>();
     const int64_t* pm = perm.const_data_ptr<int64_t>();
-    std::vector<double> scale(C);
-    for (int64_t j = 0; j < C; ++j) scale[j] = std::exp(static_cast<double>(logs.const_data_ptr<scalar_t>()[j]));
+    const auto scale = scaled_exp<scalar_t>(logs);
     scalar_t* w = out.weight.mutable_data_ptr<scalar_t>();
     scalar_t* c = out.offset.mutable_data_ptr<scalar_t>();
     for (int64_t i = 0; i < C; ++i) {
@@ -681,11 +692,9 @@ bool fold_inverse_cpu(const LUParams& p, at::ScalarType acc_dtype, ChannelMap& o
   out.offset = -bias;
   AT_DISPATCH_FLOATING_TYPES(acc_dtype, "glow_ext_fold_inverse_cpu", [&] {
     const int64_t S = product_stride(C);
-    std::vector<double> diag_reversed(C), lower_inv(C * S), upper_inv_reversed(C * S), product(C * S);
-    for (int64_t i = 0; i < C; ++i) {
-      diag_reversed[C - 1 - i] = static_cast<double>(sign_s.const_data_ptr<scalar_t>()[i]) *
-                                 std::exp(static_cast<double>(log_s.const_data_ptr<scalar_t>()[i]));
-    }
+    std::vector<double> lower_inv(C * S), upper_inv_reversed(C * S), product(C * S);
+    auto diag_reversed = scaled_exp<scalar_t>(log_s, &sign_s);
+    std::reverse(diag_reversed.begin(), diag_reversed.end());
     const LowerInverse<scalar_t> factors[2] = {
         {lower.const_data_ptr<scalar_t>(), C, 1, nullptr, lower_inv.data(), C, S},
         {upper.const_data_ptr<scalar_t>() + C * C - 1, -C, -1, diag_reversed.data(),
@@ -746,12 +755,8 @@ bool chain_cpu(const LUParams& p, const at::Tensor& grad_folded, const at::Tenso
     const scalar_t* gwf = g_folded.const_data_ptr<scalar_t>();
     const scalar_t* gc = g_offset.const_data_ptr<scalar_t>();
     const double gld = grad_logdet_hw.item<double>();
-    std::vector<double> diag(C), scale(C), ones(C, 1);
-    for (int64_t j = 0; j < C; ++j) {
-      diag[j] = static_cast<double>(sign_s.const_data_ptr<scalar_t>()[j]) *
-                std::exp(static_cast<double>(log_s.const_data_ptr<scalar_t>()[j]));
-      scale[j] = std::exp(static_cast<double>(logs.const_data_ptr<scalar_t>()[j]));
-    }
+    const auto diag = scaled_exp<scalar_t>(log_s, &sign_s), scale = scaled_exp<scalar_t>(logs);
+    const std::vector<double> ones(C, 1);
     // ActNorm: dL/db = Wfᵀ·dL/dc, dL/dlogs = Σ_i dL/dWf ⊙ Wf + b ⊙ dL/db (+ the logdet's term).
     std::vector<double> grad_bias(C, 0), grad_logs(C, 0);
     if (folded.defined()) {
