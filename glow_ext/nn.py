@@ -4,6 +4,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import coupling_ops, ops, reference
 
@@ -92,10 +93,23 @@ class _DataDependentActNorm:
             self.initialize(x)
 
 
+_optimizer_steps = 0
+
+
+def _count_optimizer_step(optimizer, args, kwargs):
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+# Fused optimizers (Adam(fused=True), the trainer's default) update parameters in place without
+# bumping their version counters, so every step of any torch optimizer also invalidates the caches.
+register_optimizer_step_post_hook(_count_optimizer_step)
+
+
 def _versions(tensors):
-    """Changes whenever one of the tensors is modified in place (optimizer step, load_state_dict)
-    or replaced (`.to()`, `.double()`)."""
-    return tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in tensors)
+    """Changes whenever one of the tensors is modified in place (an in-place op, load_state_dict),
+    an optimizer steps, or a tensor is replaced (`.to()`, `.double()`)."""
+    return (_optimizer_steps,) + tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in tensors)
 
 
 class InvConv2dLU(nn.Module):

@@ -200,7 +200,8 @@ def _count_calls(monkeypatch, name):
     return calls
 
 
-def test_sampling_uses_cached_inverse_maps_until_parameters_change(monkeypatch):
+@pytest.mark.parametrize("fused_adam", [False, True])  # fused: parameters change, versions don't
+def test_sampling_uses_cached_inverse_maps_until_parameters_change(monkeypatch, fused_adam):
     """decode/sample under no_grad: one cached-map kernel call per fused step, no per-call inverse;
     with autograd: the differentiable inverse op. An optimizer step invalidates every cached map."""
     model = initialise(small_glow(K=3, L=2), rand_image((4, 3, 8, 8)))
@@ -217,7 +218,7 @@ def test_sampling_uses_cached_inverse_maps_until_parameters_change(monkeypatch):
     assert caches == [m._inverse_cache for m in model.modules() if isinstance(m, gnn.ActNormInvConv2d)]
 
     x = rand_image((4, 3, 8, 8))
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2, fused=fused_adam)
     optimizer.zero_grad()
     model.bits_per_dim(x, 256).mean().backward()
     optimizer.step()
