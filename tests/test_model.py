@@ -6,6 +6,7 @@ re-initialised), argument errors, bits/dim and torch.compile of a flow step. Siz
 file runs in well under a minute on two CPU cores; the one deep model is K=32, L=3 on 3x16x16 with
 coupling width 16.
 """
+import copy
 import math
 
 import pytest
@@ -229,6 +230,73 @@ def test_sampling_uses_cached_inverse_maps_until_parameters_change(monkeypatch, 
         cached = model.decode(zs)
     assert max_rel_error(cached, with_autograd.detach()) <= 1e-5
     assert max_rel_error(cached, x) <= 1e-4
+
+
+@pytest.mark.skipif(not gnn._ONEDNN_INFERENCE, reason="this torch has no oneDNN inference convolutions")
+def test_coupling_network_without_autograd_runs_prepacked_weights_until_they_change():
+    """No grad, float32, CPU: oneDNN's fused inference convolutions on weights reordered once per
+    parameter version and input shape, with the plain path's output; hooks, autograd and float64
+    keep the plain path."""
+    net = gnn.CouplingNN(6, 24, 32)
+    perturb(net)
+    x = torch.randn(3, 6, 8, 8)
+
+    def plain_and_prepacked(x):
+        net._prepacked = None
+        plain = net(x)
+        with torch.no_grad():
+            prepacked = net(x)
+        return plain, prepacked
+
+    plain, prepacked = plain_and_prepacked(x)
+    assert net._prepacked is not None and max_rel_error(prepacked, plain) <= 1e-6
+    weights = net._prepacked[1]
+    with torch.no_grad():
+        net(torch.randn(3, 6, 8, 8))
+    assert net._prepacked[1] is weights
+    copied = copy.deepcopy(net)  # the opaque oneDNN weights are rebuilt, not copied
+    assert copied._prepacked is None
+    with torch.no_grad():
+        assert max_rel_error(copied(x), prepacked) <= 1e-6
+
+    optimizer = torch.optim.Adam(net.parameters(), lr=0.1, fused=True)  # no version bump
+    net(x).square().sum().backward()
+    optimizer.step()
+    with torch.no_grad():
+        after_step = net(x)
+    assert net._prepacked[1] is not weights
+    assert max_rel_error(after_step, net(x)) <= 1e-6 and max_rel_error(after_step, prepacked) > 1e-3
+    plain, prepacked = plain_and_prepacked(torch.randn(5, 6, 4, 12))
+    assert max_rel_error(prepacked, plain) <= 1e-6
+
+    handle = net.net[1].register_forward_hook(lambda m, inputs, output: output * 2)
+    net._prepacked = None
+    with torch.no_grad():
+        hooked = net(x)
+    assert net._prepacked is None and max_rel_error(hooked, net(x)) <= 1e-6
+    handle.remove()
+    net.net[3] = torch.nn.SiLU()  # a swapped layer runs as it is
+    net._prepacked = None
+    with torch.no_grad():
+        swapped = net(x)
+    assert net._prepacked is None and max_rel_error(swapped, net(x)) <= 1e-6
+    net.double()
+    with torch.no_grad():
+        net(x.double())
+    assert net._prepacked is None
+
+
+def test_sampling_and_evaluation_agree_with_and_without_the_prepacked_path(monkeypatch):
+    model = initialise(small_glow(K=3, L=2, hidden_channels=16), rand_image((4, 3, 8, 8)))
+    x = rand_image((4, 3, 8, 8))
+    results = []
+    for prepacked in (True, False):
+        monkeypatch.setattr(gnn, "_ONEDNN_INFERENCE", prepacked and gnn._ONEDNN_INFERENCE)
+        torch.manual_seed(0)
+        with torch.no_grad():
+            results.append((model.sample(4, temperature=0.7), model.bits_per_dim(x, 256)))
+    for fast, plain in zip(*results):
+        assert max_rel_error(fast, plain) <= 1e-5
 
 
 @pytest.mark.parametrize("permutation", PERMUTATIONS)

@@ -26,7 +26,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .. import reversible
 from ..models import CompiledAfterInit, Glow
-from ..nn import FlowStep, ZeroConv2d
+from ..nn import CouplingNN, FlowStep, ZeroConv2d
 from ..training.objective import adam
 from . import anchor_rosinality as ros
 from . import methods as opbench
@@ -56,13 +56,15 @@ METHODS = {
     "ours": "Glow(permutation='invconv_lu'), eager, Adam(fused=True) (the trainer's default)",
     "ours_compiled": "the same through glow_ext.models.CompiledAfterInit: torch.compile(fullgraph=True) "
                      "of forward + loss, backward through AOTAutograd",
+    "ours_unpacked": "sampling only: ours with CouplingNN.prepacked_inference = False, the coupling "
+                     "networks on their plain modules instead of oneDNN's inference convolutions",
     "naive": "Glow(permutation='invconv'): ActNorm2d + dense InvConv2d (slogdet in float64 per call, "
              "float64 inverse when sampling), same weights and optimizer as ours",
     "rosinality": "the rosinality-style Glow (glow_ext.bench.anchor_rosinality, original layers), "
                   "its loss and plain torch.optim.Adam as its train.py",
 }
-TRAIN_METHODS = tuple(METHODS)
-SAMPLE_METHODS = ("ours", "naive", "rosinality")
+TRAIN_METHODS = ("ours", "ours_compiled", "naive", "rosinality")
+SAMPLE_METHODS = ("ours", "ours_unpacked", "naive", "rosinality")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -152,6 +154,13 @@ def check_compiled(model, compiled, x):
     checks.record("compiled_loss", opbench.rel_err(compiled_loss, eager_loss))
     checks.record("compiled_grads", opbench.rel_err(torch.cat([g.flatten() for g in compiled_grads.values()]),
                                                     torch.cat([g.flatten() for g in eager_grads.values()])))
+    return checks.done()
+
+
+def check_unpacked_sampling(ours, unpacked, n, seed):
+    """The same samples (same seed) with and without the coupling networks' prepacked path."""
+    checks = _Checks("sampling with and without prepacked coupling convolutions")
+    checks.record("sample_unpacked", opbench.rel_err(_sample(unpacked, n, seed), _sample(ours, n, seed)))
     return checks.done()
 
 
@@ -328,7 +337,13 @@ def run_config(config, device, settings, seed, progress, ceilings):
     progress.task(f"e2e {label}: training step (forward + backward + Adam), {', '.join(TRAIN_METHODS)}")
     train = time_methods(steps, sync, reps, min_time_ms / 1e3, warmup, grad_mode=True)
     progress.task(f"e2e {label}: sampling {config['batch']} images at T={SAMPLE_TEMPERATURE}")
+    unpacked = copy.deepcopy(ours)
+    for net in unpacked.modules():
+        if isinstance(net, CouplingNN):
+            net.prepacked_inference = False
+    checks.update(check_unpacked_sampling(ours, unpacked, config["batch"], seed))
     samplers = {"ours": lambda: ours.sample(config["batch"], SAMPLE_TEMPERATURE),
+                "ours_unpacked": lambda: unpacked.sample(config["batch"], SAMPLE_TEMPERATURE),
                 "naive": lambda: models["naive"].sample(config["batch"], SAMPLE_TEMPERATURE),
                 "rosinality": _rosinality_sampler(models["rosinality"], config, x)}
     sample = time_methods(samplers, sync, reps, min_time_ms / 1e3, warmup, grad_mode=False)
@@ -382,7 +397,8 @@ def run_e2e(device, configs, settings, seed, progress):
 # --------------------------------------------------------------------------------------------------
 # Report: markdown, console digest, plot (read from the JSON alone, for --render-only)
 
-METHOD_LABELS = {"ours": "ours (eager)", "ours_compiled": "ours, compiled", "naive": "ours, naive layers",
+METHOD_LABELS = {"ours": "ours (eager)", "ours_compiled": "ours, compiled",
+                 "ours_unpacked": "ours, plain coupling convs", "naive": "ours, naive layers",
                  "rosinality": "rosinality-style"}
 
 
@@ -418,13 +434,16 @@ def markdown(report, prefix, machine, when):
     ]
     for c in report["configs"]:
         for m in METHODS:
-            train = c["train_step"][m]
+            train = c["train_step"].get(m)
             sample = c["sample"].get(m)
+            if not (train or sample):
+                continue  # a method added after this JSON was written
             saved = c["memory"]["saved_for_backward_bytes"].get(m)
-            cells = [_config_label(c), METHOD_LABELS[m], _spread(train), f"{c['images_per_s']['train'][m]:.1f}",
-                     f"{c['speedup_vs_rosinality']['train'][m]:.2f}x",
-                     f"{100 * c['roofline'][m]['fraction']:.0f}%",
-                     _spread(sample) if sample else "—",
+            cells = [_config_label(c), METHOD_LABELS[m]]
+            cells += ([_spread(train), f"{c['images_per_s']['train'][m]:.1f}",
+                       f"{c['speedup_vs_rosinality']['train'][m]:.2f}x",
+                       f"{100 * c['roofline'][m]['fraction']:.0f}%"] if train else ["—"] * 4)
+            cells += [_spread(sample) if sample else "—",
                      f"{c['images_per_s']['sample'][m]:.1f}" if sample else "—",
                      f"{c['speedup_vs_rosinality']['sample'][m]:.2f}x" if sample else "—",
                      f"{saved / 2**20:.1f}" if saved else "—"]
@@ -448,9 +467,10 @@ def markdown(report, prefix, machine, when):
 def digest(report):
     return [f"{c['name']}: train img/s " + ", ".join(
                 f"{m} {c['images_per_s']['train'][m]:.1f} ({c['speedup_vs_rosinality']['train'][m]:.2f}x, "
-                f"roofline {100 * c['roofline'][m]['fraction']:.0f}%)" for m in METHODS)
+                f"roofline {100 * c['roofline'][m]['fraction']:.0f}%)" for m in TRAIN_METHODS)
             + "; sampling vs rosinality " + ", ".join(
-                f"{m} {c['speedup_vs_rosinality']['sample'][m]:.2f}x" for m in SAMPLE_METHODS)
+                f"{m} {c['speedup_vs_rosinality']['sample'][m]:.2f}x" for m in SAMPLE_METHODS
+                if m in c["speedup_vs_rosinality"]["sample"])
             for c in report["configs"]]
 
 
