@@ -5,6 +5,7 @@ Methods, one model per method, timed round-robin in one process (glow_ext.bench.
                  (glow_ext.training.objective.adam: Adam on the fused implementation)
   ours_compiled  the same model through glow_ext.models.CompiledAfterInit (torch.compile of the
                  whole forward + loss, fullgraph, backward through AOTAutograd)
+  ours_unpacked  sampling only: ours without the coupling networks' prepacked oneDNN path
   naive          Glow(permutation="invconv"): ActNorm2d + dense InvConv2d (slogdet in float64),
                  the same weights and optimizer as ours
   rosinality     the rosinality-style model (glow_ext.bench.anchor_rosinality, its original
@@ -422,7 +423,8 @@ def markdown(report, prefix, machine, when):
         "forward + backward + Adam. ours = `Glow` eagerly with the trainer's fused Adam; compiled = the "
         "same through `CompiledAfterInit` (torch.compile of forward + loss); naive layers = ActNorm2d + "
         "dense InvConv2d; rosinality-style = `glow_ext.bench.anchor_rosinality` with its own layers, "
-        "loss and plain Adam. Times are medians (interquartile range, number of interleaved "
+        "loss and plain Adam; plain coupling convs = ours sampling without the coupling networks' "
+        "prepacked oneDNN path (`CouplingNN.prepacked_inference = False`). Times are medians (interquartile range, number of interleaved "
         "measurements); vs rosinality = images/s over the rosinality-style model's, same run. "
         "Roofline = the step's convolution + matmul flops at the measured float32 GEMM rate "
         f"({report['ceilings']['gemm_gflops']['float32']:.0f} GFLOP/s) over the step time. Sampling: "
