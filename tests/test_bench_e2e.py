@@ -74,12 +74,17 @@ def test_quick_run_reports_every_method(tmp_path):
     # Our step counts the same convolutions as rosinality's, less its 1x1 convs (our ops are not
     # counted by the flop counter), so never more.
     assert c["roofline"]["ours"]["gflop"] <= c["roofline"]["rosinality"]["gflop"]
+    for kind in ("train", "sample"):
+        conv = c["convolutions_alone"][kind]
+        timing = c["train_step" if kind == "train" else "sample"]["ours"]
+        assert 0 < conv["median_ms"] < 5 * timing["median_ms"] and conv["bound_vs_rosinality"] > 0
 
     full = {"device": "cpu", "date": "2026-12-01T00:00:00+00:00", "config": {"quick": True},
             "machine": {"cpu_model": "Test CPU", "torch_num_threads": 2}, **body}
     lines = "\n".join(report.e2e_markdown(full, ""))
     for label in e2e.METHOD_LABELS.values():
         assert f"| K=2 L=3 width 16 batch 4 | {label} |" in lines
+    assert "Convolutions alone" in lines
     assert report.part_digest("e2e", full).startswith("e2e: cifar10 K2 w16 b4: train img/s ours")
     try:
         path = report.plot_e2e(full, tmp_path / "e2e.png")

@@ -31,7 +31,7 @@ from ..nn import CouplingNN, FlowStep, ZeroConv2d
 from ..training.objective import adam
 from . import anchor_rosinality as ros
 from . import methods as opbench
-from .common import BenchError, synchronizer, time_methods
+from .common import BenchError, summarize, synchronizer, time_methods
 from .roofline import floor_ms, measure_ceilings
 
 # Glow on 3x32x32 images (CIFAR-10's), affine coupling. The paper's model is K=32, L=3, width 512;
@@ -247,6 +247,26 @@ def step_flops(model, loss_fn, x):
     return counter.get_total_flops()
 
 
+# The convolution kernels' own time (oneDNN on the CPU): forward, backward (data, weight and bias in
+# one call) and the prepacked inference path.
+CONVOLUTION_KERNELS = ("aten::mkldnn_convolution", "aten::convolution_backward",
+                       "mkldnn::_convolution_pointwise")
+
+
+def convolution_time(fn, reps, grad_mode):
+    """Median and spread over reps profiled calls of the self CPU time fn spends in convolution
+    kernels: what fn would still take if everything around its convolutions cost nothing."""
+    per_call_s = []
+    with torch.set_grad_enabled(grad_mode):
+        fn()
+        for _ in range(reps):
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                fn()
+            per_call_s.append(sum(e.self_cpu_time_total for e in prof.key_averages()
+                                  if e.key in CONVOLUTION_KERNELS) / 1e6)
+    return summarize(per_call_s, 1)
+
+
 def _rosinality_sampler(model, config, like):
     shapes = ros.z_shapes(IMAGE[0], IMAGE[1], config["L"])
 
@@ -349,6 +369,15 @@ def run_config(config, device, settings, seed, progress, ceilings):
                 "rosinality": _rosinality_sampler(models["rosinality"], config, x)}
     sample = time_methods(samplers, sync, reps, min_time_ms / 1e3, warmup, grad_mode=False)
 
+    convolutions = None
+    if device == "cpu":
+        progress.task(f"e2e {label}: convolution kernels' time inside ours' step and sampling (profiled)")
+        convolutions = {"train": convolution_time(steps["ours"], reps, grad_mode=True),
+                        "sample": convolution_time(samplers["ours"], reps, grad_mode=False)}
+        for kind, timing in (("train", train), ("sample", sample)):
+            convolutions[kind]["bound_vs_rosinality"] = (
+                timing["rosinality"]["median_ms"] / convolutions[kind]["median_ms"])
+
     ips = {"train": {m: config["batch"] / (train[m]["median_ms"] / 1e3) for m in TRAIN_METHODS},
            "sample": {m: config["batch"] / (sample[m]["median_ms"] / 1e3) for m in SAMPLE_METHODS}}
     speedup = {"train": {m: ips["train"][m] / ips["train"]["rosinality"] for m in TRAIN_METHODS},
@@ -360,6 +389,8 @@ def run_config(config, device, settings, seed, progress, ceilings):
                  parameters={m: sum(p.numel() for p in models[m].parameters()) for m in models},
                  checks=checks, train_step=train, sample=sample, images_per_s=ips,
                  speedup_vs_rosinality=speedup, roofline=roofline, memory=memory)
+    if convolutions is not None:
+        entry["convolutions_alone"] = convolutions
     if device == "cuda":
         entry["host_sync_free"] = {}
         for m in ("ours", "naive"):
@@ -389,6 +420,11 @@ def run_e2e(device, configs, settings, seed, progress):
                              "step time; the optimizer and elementwise work count as time only",
             "speedup_note": "images/s of the method / images/s of the rosinality-style model, "
                             "medians of the same interleaved run",
+            "convolutions_note": "convolutions_alone: self CPU time of the convolution kernels "
+                                 f"({', '.join(CONVOLUTION_KERNELS)}) inside ours' eager training step "
+                                 "and sampling call, torch.profiler, median of reps calls; "
+                                 "bound_vs_rosinality = the rosinality-style model's median time over it, "
+                                 "the speed-up ours would have if nothing but its convolutions took time",
             "memory_note": "saved_for_backward_bytes: distinct storages autograd keeps for the backward "
                            "of one loss (glow_ext.reversible.saved_tensor_bytes, parameters included). "
                            "cuda_peak_step_bytes: torch.cuda.max_memory_allocated over one training "
@@ -454,6 +490,18 @@ def markdown(report, prefix, machine, when):
                 cells.append(f"{peak / 2**20:.0f}" if peak else "—")
             lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
+    bounds = [c for c in report["configs"] if "convolutions_alone" in c]
+    if bounds:
+        lines.append("Convolutions alone (self time of the convolution kernels inside ours' eager step and "
+                     "sampling call, profiled, medians): " + "; ".join(
+                         f"{_config_label(c)}: {_fmt_ms(conv['train']['median_ms'])} of "
+                         f"{_fmt_ms(c['train_step']['ours']['median_ms'])} ms a step, "
+                         f"{_fmt_ms(conv['sample']['median_ms'])} of {_fmt_ms(c['sample']['ours']['median_ms'])} "
+                         f"ms a sampling call, so at most {conv['train']['bound_vs_rosinality']:.2f}x and "
+                         f"{conv['sample']['bound_vs_rosinality']:.2f}x the rosinality-style model's speed "
+                         "if everything else took no time"
+                         for c, conv in ((c, c["convolutions_alone"]) for c in bounds)) + ".")
+        lines.append("")
     lines.append("Compile time of the whole step (first compiled call): " + "; ".join(
         f"{_config_label(c)} {c['compile_s']:.0f} s" for c in report["configs"]) + ".")
     if cuda:
