@@ -460,8 +460,8 @@ def markdown(report, prefix, machine, when):
         "same through `CompiledAfterInit` (torch.compile of forward + loss); naive layers = ActNorm2d + "
         "dense InvConv2d; rosinality-style = `glow_ext.bench.anchor_rosinality` with its own layers, "
         "loss and plain Adam; plain coupling convs = ours sampling without the coupling networks' "
-        "prepacked oneDNN path (`CouplingNN.prepacked_inference = False`). Times are medians (interquartile range, number of interleaved "
-        "measurements); vs rosinality = images/s over the rosinality-style model's, same run. "
+        "prepacked oneDNN path (`CouplingNN.prepacked_inference = False`). Times are medians "
+        "(interquartile range, number of interleaved measurements); vs rosinality = images/s over the rosinality-style model's, same run. "
         "Roofline = the step's convolution + matmul flops at the measured float32 GEMM rate "
         f"({report['ceilings']['gemm_gflops']['float32']:.0f} GFLOP/s) over the step time. Sampling: "
         "the batch size in images at T = 0.7 (ours `sample`, rosinality's `reverse`).",
@@ -490,18 +490,10 @@ def markdown(report, prefix, machine, when):
                 cells.append(f"{peak / 2**20:.0f}" if peak else "—")
             lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
-    bounds = [c for c in report["configs"] if "convolutions_alone" in c]
+    bounds = [_convolution_bound(c) for c in report["configs"] if "convolutions_alone" in c]
     if bounds:
-        lines.append("Convolutions alone (self time of the convolution kernels inside ours' eager step and "
-                     "sampling call, profiled, medians): " + "; ".join(
-                         f"{_config_label(c)}: {_fmt_ms(conv['train']['median_ms'])} of "
-                         f"{_fmt_ms(c['train_step']['ours']['median_ms'])} ms a step, "
-                         f"{_fmt_ms(conv['sample']['median_ms'])} of {_fmt_ms(c['sample']['ours']['median_ms'])} "
-                         f"ms a sampling call, so at most {conv['train']['bound_vs_rosinality']:.2f}x and "
-                         f"{conv['sample']['bound_vs_rosinality']:.2f}x the rosinality-style model's speed "
-                         "if everything else took no time"
-                         for c, conv in ((c, c["convolutions_alone"]) for c in bounds)) + ".")
-        lines.append("")
+        lines += ["Convolutions alone (self time of the convolution kernels inside ours' eager step and "
+                  "sampling call, profiled, medians): " + "; ".join(bounds) + ".", ""]
     lines.append("Compile time of the whole step (first compiled call): " + "; ".join(
         f"{_config_label(c)} {c['compile_s']:.0f} s" for c in report["configs"]) + ".")
     if cuda:
@@ -512,6 +504,16 @@ def markdown(report, prefix, machine, when):
                              f"{m} " + ("none" if r["train_step"] else f"yes, first: {r['first_sync']}")
                              for m, r in sync.items()) + ".")
     return lines
+
+
+def _convolution_bound(c):
+    conv = c["convolutions_alone"]
+    return (f"{_config_label(c)}: {_fmt_ms(conv['train']['median_ms'])} of "
+            f"{_fmt_ms(c['train_step']['ours']['median_ms'])} ms a step, "
+            f"{_fmt_ms(conv['sample']['median_ms'])} of {_fmt_ms(c['sample']['ours']['median_ms'])} ms a "
+            f"sampling call, so at most {conv['train']['bound_vs_rosinality']:.2f}x and "
+            f"{conv['sample']['bound_vs_rosinality']:.2f}x the rosinality-style model's speed if "
+            "everything else took no time")
 
 
 def digest(report):
