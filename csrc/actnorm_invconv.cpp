@@ -1,4 +1,5 @@
 #include "actnorm_invconv.h"
+#include "ieee_float32.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/ops/diagonal_scatter.h>
@@ -30,8 +31,8 @@ void check_matrix(const char* op, const char* name, const at::Tensor& t, int64_t
 
 bool is_reduced_float(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; }
 
-// Validates perm on the CPU only: on CUDA it would cost a host synchronisation per call, so there
-// the layers check it once, when they build the permutation.
+// Validates perm on the host for CPU tensors only: for device tensors it would cost a host
+// synchronisation per call, so there the backend checks it on the device (validate_permutation).
 void check_permutation(const char* op, const at::Tensor& perm) {
   if (!perm.is_cpu()) return;
   const auto p = perm.contiguous();
@@ -149,6 +150,8 @@ ChannelMap fold_inverse_generic(const AccParams& a, const at::Tensor& perm) {
   return {w_inv * (-a.logs).exp().unsqueeze(1), -a.bias};
 }
 
+// The log-determinant accumulates in float32 (float64 for float64 parameters) and is returned in
+// that dtype: H·W·Σ in float16 parameters would round every term and overflow past 65504.
 at::Tensor logdet_of(const LUParams& p, int64_t pixels_per_image) {
   if (p.logs.is_cpu()) {
     // Four tiny ATen launches would cost more than the whole forward pass at small C.
@@ -162,7 +165,8 @@ at::Tensor logdet_of(const LUParams& p, int64_t pixels_per_image) {
       return at::scalar_tensor(total * static_cast<double>(pixels_per_image), logs.options());
     });
   }
-  return (p.logs.sum() + p.log_s.sum()) * static_cast<double>(pixels_per_image);
+  const auto acc = p.logs.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  return (p.logs.sum(acc) + p.log_s.sum(acc)) * static_cast<double>(pixels_per_image);
 }
 
 // x_hat = (x + b)·a. From Σ dL/dx_hat and Σ dL/dx_hat ⊙ x_hat over the pixels and the full
@@ -327,7 +331,8 @@ at::ScalarType accumulation_dtype(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-void check_inputs(const char* op, const char* input_name, const at::Tensor& x, const LUParams& p) {
+void check_inputs(const Backend& backend, const char* op, const char* input_name,
+                  const at::Tensor& x, const LUParams& p) {
   TORCH_CHECK(x.dim() == 4, op, ": `", input_name, "` must be 4-D (N, C, H, W), got shape ",
               shape_str(x));
   const int64_t C = x.size(1);
@@ -366,6 +371,7 @@ void check_inputs(const char* op, const char* input_name, const at::Tensor& x, c
               ": the parameters are ", param_type, " but `", input_name, "` is ", x_type,
               "; they must match (float32 parameters are also accepted for float16/bfloat16 input)");
   check_permutation(op, p.perm);
+  if (!p.perm.is_cpu() && backend.validate_permutation) backend.validate_permutation(p.perm);
   check_finite_log_s(op, p.log_s);
 }
 
@@ -373,7 +379,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_train(const Backend& back
                                                              const at::Tensor& x_in,
                                                              const LUParams& p) {
   // Messages name the public op: this is the same computation, with its map kept for the backward.
-  check_inputs("glow_ext::actnorm_invconv_lu", "x", x_in, p);
+  check_inputs(backend, "glow_ext::actnorm_invconv_lu", "x", x_in, p);
+  const IeeeFloat32Scope ieee_float32;  // exact GEMMs whatever torch's TF32/bf16 flags say
   const auto x = x_in.contiguous();
   const int64_t C = x.size(1), HW = x.size(2) * x.size(3), M = x.size(0) * HW;
   auto logdet = logdet_of(p, HW);
@@ -403,7 +410,8 @@ std::tuple<at::Tensor, at::Tensor> forward(const Backend& backend, const at::Ten
 
 std::tuple<at::Tensor, at::Tensor> inverse_train(const Backend& backend, const at::Tensor& y_in,
                                                  const LUParams& p) {
-  check_inputs("glow_ext::actnorm_invconv_lu_inverse", "y", y_in, p);
+  check_inputs(backend, "glow_ext::actnorm_invconv_lu_inverse", "y", y_in, p);
+  const IeeeFloat32Scope ieee_float32;  // as in forward_train
   const auto y = y_in.contiguous();
   const int64_t C = y.size(1), M = y.size(0) * y.size(2) * y.size(3);
   const auto acc = accumulation_dtype(y);
@@ -430,6 +438,7 @@ at::Tensor inverse(const Backend& backend, const at::Tensor& y, const LUParams& 
 at::Tensor channel_map(const Backend& backend, const at::Tensor& x_in, const at::Tensor& weight,
                        const at::Tensor& offset) {
   const char* op = "glow_ext::channel_map";
+  const IeeeFloat32Scope ieee_float32;  // as in forward_train
   TORCH_CHECK(x_in.dim() == 4, op, ": `x` must be 4-D (N, C, H, W), got shape ", shape_str(x_in));
   const int64_t C = x_in.size(1);
   const auto x_type = x_in.scalar_type();
@@ -457,7 +466,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const Backend& backend, const at::Tensor& grad_y_in, const at::Tensor& grad_logdet,
     const at::Tensor& x_in, const LUParams& p, const std::optional<at::Tensor>& folded) {
   const char* op = "glow_ext::actnorm_invconv_lu_backward";
-  check_inputs(op, "x", x_in, p);
+  check_inputs(backend, op, "x", x_in, p);
+  const IeeeFloat32Scope ieee_float32;  // as in forward_train
   TORCH_CHECK(grad_y_in.sizes() == x_in.sizes(), op, ": `grad_y` must have the shape of `x` ",
               shape_str(x_in), ", got ", shape_str(grad_y_in));
   TORCH_CHECK(grad_y_in.scalar_type() == x_in.scalar_type() && grad_y_in.device() == x_in.device(),
@@ -508,7 +518,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const Backend& backend, const at::Tensor& grad_x_in, const at::Tensor& x_in, const LUParams& p,
     const std::optional<at::Tensor>& folded_inverse) {
   const char* op = "glow_ext::actnorm_invconv_lu_inverse_backward";
-  check_inputs(op, "x", x_in, p);
+  check_inputs(backend, op, "x", x_in, p);
+  const IeeeFloat32Scope ieee_float32;  // as in forward_train
   TORCH_CHECK(grad_x_in.sizes() == x_in.sizes(), op, ": `grad_x` must have the shape of `x` ",
               shape_str(x_in), ", got ", shape_str(grad_x_in));
   TORCH_CHECK(grad_x_in.scalar_type() == x_in.scalar_type() && grad_x_in.device() == x_in.device(),

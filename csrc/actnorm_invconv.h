@@ -59,10 +59,15 @@ struct Backend {
                     at::Tensor& grad_offset) = nullptr;
   // Optional: the inverse map (Wf⁻¹ and −bias) where the backend's own loop is faster, as fold_forward.
   bool (*fold_inverse)(const LUParams& p, at::ScalarType acc_dtype, ChannelMap& out) = nullptr;
+  // Optional: checks on the device that perm is a permutation, for devices where check_inputs'
+  // host check would synchronise (it runs only for CPU tensors).
+  void (*validate_permutation)(const at::Tensor& perm) = nullptr;
 };
 
 // Validates every argument; `op` and `input_name` name the op and its image argument in messages.
-void check_inputs(const char* op, const char* input_name, const at::Tensor& x, const LUParams& p);
+// perm is checked on the host for CPU tensors and by backend.validate_permutation elsewhere.
+void check_inputs(const Backend& backend, const char* op, const char* input_name,
+                  const at::Tensor& x, const LUParams& p);
 
 at::ScalarType accumulation_dtype(const at::Tensor& x);
 

@@ -81,9 +81,9 @@ GLOW_HD T exp_nonpositive(T x) {
   // 2^n in two factors, each a normal number for n >= -2·(bias - 1): subnormal results round once.
   // int32 for both types: GCC vectorises double -> int32 on AVX2, double -> int64 only on AVX-512.
   const int32_t n_int = static_cast<int32_t>(n);
-  const int32_t half = n_int / 2;
-  const T scale_a = from_bits<T>(static_cast<bits_t>(half + Tr::kBias) << Tr::kMantissaBits);
-  const T scale_b = from_bits<T>(static_cast<bits_t>(n_int - half + Tr::kBias) << Tr::kMantissaBits);
+  const int32_t half_exponent = n_int / 2;
+  const T scale_a = from_bits<T>(static_cast<bits_t>(half_exponent + Tr::kBias) << Tr::kMantissaBits);
+  const T scale_b = from_bits<T>(static_cast<bits_t>(n_int - half_exponent + Tr::kBias) << Tr::kMantissaBits);
   return p * scale_a * scale_b;
 }
 
@@ -162,27 +162,28 @@ struct SampleRows {
   scalar_t* grad_logit;   // backward modes: dL/dh, second half
 };
 
-// A call's tensors as raw pointers and sample strides (outputs are contiguous: half elements per
-// sample for `out`, 2·half for `grad_h`). Pointers a mode does not use are null.
+// A call's tensors as raw pointers and sample strides (outputs are contiguous: per_sample elements per
+// sample for `out`, 2·per_sample for `grad_h`). Pointers a mode does not use are null.
 template <typename scalar_t, typename acc_t>
 struct CouplingPointers {
   const scalar_t *input, *h, *grad;
   const acc_t* grad_logdet;
   scalar_t *out, *grad_h;
-  int64_t input_stride, h_stride, grad_stride, half;
+  int64_t input_stride, h_stride, grad_stride;
+  int64_t per_sample;  // C·H·W of x_b; not `half`, which is CUDA's 16-bit float type
 
   // Sample n's rows, starting at element `begin`.
   GLOW_HD SampleRows<scalar_t, acc_t> rows(int64_t n, int64_t begin) const {
     const scalar_t* h_n = h + n * h_stride + begin;
-    scalar_t* grad_h_n = grad_h ? grad_h + n * 2 * half + begin : nullptr;
+    scalar_t* grad_h_n = grad_h ? grad_h + n * 2 * per_sample + begin : nullptr;
     return {input + n * input_stride + begin,
             h_n,
-            h_n + half,
+            h_n + per_sample,
             grad ? grad + n * grad_stride + begin : nullptr,
             grad_logdet ? grad_logdet[n] : acc_t(0),
-            out + n * half + begin,
+            out + n * per_sample + begin,
             grad_h_n,
-            grad_h_n ? grad_h_n + half : nullptr};
+            grad_h_n ? grad_h_n + per_sample : nullptr};
   }
 };
 

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "actnorm_invconv.h"
+#include "cuda_launch_plan.h"
 #include "glow_ext_math.h"
 
 #ifndef GLOW_EXT_CUDA_ARCHS
@@ -55,6 +56,20 @@ TORCH_LIBRARY(glow_ext, m) {
   m.def(
       "affine_coupling_inverse_backward(Tensor grad_x_b, Tensor y_b, Tensor h) -> "
       "(Tensor grad_y_b, Tensor grad_h)");
+  // Test hooks of the CUDA launches (csrc/cuda_launch_plan.h): the grid-size cap of the grid-stride
+  // kernels (returns the previous cap), and the direct channel mix's grid run on the host
+  // (csrc/cuda_on_host.cpp).
+  m.def("_set_max_grid_blocks(int blocks) -> int", &glow_ext::set_max_grid_blocks);
+  m.def(
+      "_channel_mix_grid_on_host(Tensor x, Tensor weight, Tensor offset, int multiprocessors, "
+      "int max_blocks) -> Tensor");
+  // The CUDA chain rule's per-entry phases run on the host (float64): returns the gradients of
+  // bias, logs, lower, upper, log_s from dL/dWf, dL/dc and Wf (or its two terms).
+  m.def(
+      "_chain_on_host(Tensor grad_folded, Tensor grad_offset, Tensor? folded, Tensor? terms_bias, "
+      "Tensor? terms_dot, Tensor grad_logdet_hw, Tensor bias, Tensor logs, Tensor perm, "
+      "Tensor lower, Tensor upper, Tensor log_s, Tensor sign_s) -> "
+      "(Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 // TORCH_EXTENSION_NAME: _C when built by setup.py, another name for the just-in-time build.

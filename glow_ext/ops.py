@@ -93,7 +93,8 @@ if _C is not None:
     @torch.library.register_fake("glow_ext::actnorm_invconv_lu")
     def _forward_fake(x, *params):
         _check_fake_args("glow_ext::actnorm_invconv_lu", "x", x, params)
-        return torch.empty_like(x, memory_format=torch.contiguous_format), params[0].new_empty(())
+        return (torch.empty_like(x, memory_format=torch.contiguous_format),
+                params[0].new_empty((), dtype=reference.logdet_dtype(params[0])))
 
     @torch.library.register_fake("glow_ext::actnorm_invconv_lu_inverse")
     def _inverse_fake(y, *params):

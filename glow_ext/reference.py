@@ -25,8 +25,15 @@ def lu_weight(perm, lower, upper, log_s, sign_s, dtype=None):
     return (unit_lower @ upper_factor)[perm]
 
 
+def logdet_dtype(param):
+    """The 1x1 op's log-determinant dtype: float64 for float64 parameters, else float32 (a float16
+    sum of H·W·C terms would overflow)."""
+    return torch.float64 if param.dtype == torch.float64 else torch.float32
+
+
 def lu_logdet(logs, log_s, height, width):
-    return (logs.sum() + log_s.sum()) * (height * width)
+    acc = logdet_dtype(logs)
+    return (logs.sum(dtype=acc) + log_s.sum(dtype=acc)) * (height * width)
 
 
 def actnorm_invconv_lu(x, bias, logs, perm, lower, upper, log_s, sign_s):

@@ -60,7 +60,7 @@ inline __attribute__((always_inline)) void run_tasks(const CallPointers<scalar_t
     const int64_t last = std::min(first + kChunksPerTask, chunks);
     for (int64_t c = first; c < last; ++c) {
       const int64_t begin = c * kChunk;
-      const scalar_t sum = run_chunk<kMode>(p.rows(n, begin), std::min(kChunk, p.half - begin));
+      const scalar_t sum = run_chunk<kMode>(p.rows(n, begin), std::min(kChunk, p.per_sample - begin));
       if constexpr (kMode == CouplingMode::kForward) partials[n * chunks + c] = sum;
     }
   }
@@ -95,7 +95,7 @@ const Isa kIsa = detect_isa();
 
 template <CouplingMode kMode, typename scalar_t>
 void run(const CouplingCall& call) {
-  const int64_t N = call.out.size(0), half = call.out.numel() / N;
+  const int64_t N = call.out.size(0), per_sample = call.out.numel() / N;
   const bool backward = kMode == CouplingMode::kBackward || kMode == CouplingMode::kInverseBackward;
   const CallPointers<scalar_t> p{
       call.input.const_data_ptr<scalar_t>(),
@@ -105,8 +105,8 @@ void run(const CouplingCall& call) {
       call.out.mutable_data_ptr<scalar_t>(),
       backward ? call.grad_h.mutable_data_ptr<scalar_t>() : nullptr,
       call.input.stride(0), call.h.stride(0), backward ? call.grad.stride(0) : 0,
-      half};
-  const int64_t chunks = (half + kChunk - 1) / kChunk;
+      per_sample};
+  const int64_t chunks = (per_sample + kChunk - 1) / kChunk;
   const int64_t tasks = N * ((chunks + kChunksPerTask - 1) / kChunksPerTask);
   std::vector<scalar_t> partials(kMode == CouplingMode::kForward ? N * chunks : 0);
   // ATen's grain for elementwise work: below it one thread is faster than waking the others (and,

@@ -18,6 +18,7 @@
 #include <algorithm>
 
 #include "../coupling.h"
+#include "../cuda_launch_plan.h"
 #include "../coupling_math.h"
 
 namespace glow_ext {
@@ -26,15 +27,14 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int64_t kElementsPerThread = 8;        // per forward block and sample, before splitting
 constexpr int64_t kMaxBlocksPerSample = 64;
-constexpr int64_t kMaxBlocks = 1 << 14;          // many waves on any GPU; beyond it blocks loop
 
 template <CouplingMode kMode, typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
     coupling_elementwise_kernel(math::CouplingPointers<scalar_t, acc_t> p, int64_t total) {
   for (int64_t k = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; k < total;
        k += int64_t{gridDim.x} * blockDim.x) {
-    const int64_t n = k / p.half;
-    math::coupling_element<kMode>(p.rows(n, 0), k - n * p.half);
+    const int64_t n = k / p.per_sample;
+    math::coupling_element<kMode>(p.rows(n, 0), k - n * p.per_sample);
   }
 }
 
@@ -50,7 +50,7 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t n = task / blocks_per_sample;
     const auto rows = p.rows(n, 0);
     acc_t sum = 0;
-    for (int64_t i = (task - n * blocks_per_sample) * kThreads + threadIdx.x; i < p.half;
+    for (int64_t i = (task - n * blocks_per_sample) * kThreads + threadIdx.x; i < p.per_sample;
          i += blocks_per_sample * kThreads) {
       const auto parts = math::coupling_element<CouplingMode::kForward>(rows, i);
       sum += parts.negative_part() - log1p(parts.e);
@@ -62,7 +62,7 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 unsigned grid_for(int64_t work_items) {
-  return static_cast<unsigned>(std::max<int64_t>(1, std::min(work_items, kMaxBlocks)));
+  return static_cast<unsigned>(std::clamp<int64_t>(work_items, 1, max_grid_blocks()));
 }
 
 template <CouplingMode kMode, typename scalar_t, typename acc_t>
@@ -76,7 +76,7 @@ void launch_elementwise(const math::CouplingPointers<scalar_t, acc_t>& p, int64_
 void coupling_kernel_cuda(const CouplingCall& call) {
   const c10::cuda::CUDAGuard guard(call.input.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const int64_t N = call.out.size(0), half = call.out.numel() / N;
+  const int64_t N = call.out.size(0), per_sample = call.out.numel() / N;
   const bool backward = call.mode == CouplingMode::kBackward ||
                         call.mode == CouplingMode::kInverseBackward;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, call.input.scalar_type(),
@@ -90,11 +90,11 @@ void coupling_kernel_cuda(const CouplingCall& call) {
         call.out.mutable_data_ptr<scalar_t>(),
         backward ? call.grad_h.mutable_data_ptr<scalar_t>() : nullptr,
         call.input.stride(0), call.h.stride(0), backward ? call.grad.stride(0) : 0,
-        half};
+        per_sample};
     switch (call.mode) {
       case CouplingMode::kForward: {
         const int64_t blocks_per_sample = std::clamp<int64_t>(
-            half / (kThreads * kElementsPerThread), 1, kMaxBlocksPerSample);
+            per_sample / (kThreads * kElementsPerThread), 1, kMaxBlocksPerSample);
         auto partials = at::empty({N, blocks_per_sample}, call.logdet.options());
         coupling_forward_kernel<<<grid_for(N * blocks_per_sample), kThreads, 0, stream>>>(
             p, N * blocks_per_sample, blocks_per_sample, partials.mutable_data_ptr<acc_t>());
@@ -104,11 +104,11 @@ void coupling_kernel_cuda(const CouplingCall& call) {
         return;
       }
       case CouplingMode::kInverse:
-        return launch_elementwise<CouplingMode::kInverse>(p, N * half, stream);
+        return launch_elementwise<CouplingMode::kInverse>(p, N * per_sample, stream);
       case CouplingMode::kBackward:
-        return launch_elementwise<CouplingMode::kBackward>(p, N * half, stream);
+        return launch_elementwise<CouplingMode::kBackward>(p, N * per_sample, stream);
       case CouplingMode::kInverseBackward:
-        return launch_elementwise<CouplingMode::kInverseBackward>(p, N * half, stream);
+        return launch_elementwise<CouplingMode::kInverseBackward>(p, N * per_sample, stream);
     }
   });
 }
