@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch.autograd.functional import jacobian
 
 import glow_ext
+from glow_ext import coupling_network
 from glow_ext import nn as gnn
 from glow_ext.models import CompiledAfterInit, Glow, GlowOutput
 
@@ -252,7 +253,7 @@ def test_sampling_uses_cached_inverse_maps_until_parameters_change(monkeypatch, 
     assert max_rel_error(cached, x) <= 1e-4
 
 
-@pytest.mark.skipif(not gnn._ONEDNN_INFERENCE, reason="this torch has no oneDNN inference convolutions")
+@pytest.mark.skipif(not coupling_network._ONEDNN_INFERENCE, reason="this torch has no oneDNN inference convolutions")
 def test_coupling_network_without_autograd_runs_prepacked_weights_until_they_change():
     """No grad, float32, CPU: oneDNN's fused inference convolutions on weights reordered once per
     parameter version and input shape, with the plain path's output; hooks, autograd and float64
@@ -311,7 +312,7 @@ def test_sampling_and_evaluation_agree_with_and_without_the_prepacked_path(monke
     x = rand_image((4, 3, 8, 8))
     results = []
     for prepacked in (True, False):
-        monkeypatch.setattr(gnn, "_ONEDNN_INFERENCE", prepacked and gnn._ONEDNN_INFERENCE)
+        monkeypatch.setattr(gnn.CouplingNN, "prepacked_inference", prepacked)
         torch.manual_seed(0)
         with torch.no_grad():
             results.append((model.sample(4, temperature=0.7), model.bits_per_dim(x, 256)))
