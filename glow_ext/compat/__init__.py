@@ -121,10 +121,9 @@ def _lu_of_dense(weight: torch.Tensor):
 
 def _conv_layout(x: torch.Tensor) -> torch.Tensor:
     """The coupling network's input in the layout its convolutions run fastest in: channels_last on
-    the CPU (oneDNN's native layout; measured on the rosinality- and y0ast-style coupling networks,
-    width 128, batch 16, 1 thread, forward + backward including both conversions: 10-17% faster at
-    CIFAR-10's first level, 8-13% at the second, even at the third), unchanged elsewhere (not
-    measured on CUDA)."""
+    the CPU (oneDNN's native layout, faster for the rosinality- and y0ast-style coupling networks'
+    forward + backward even with both conversions counted), unchanged on other devices, where the
+    layout was not measured."""
     return x.contiguous(memory_format=torch.channels_last) if x.device.type == "cpu" else x
 
 
