@@ -92,7 +92,7 @@ def invalidation_off():
     gnn.set_cache_invalidation(previous)
 
 
-def _trained_step(model, x, fused):
+def _optimizer_step(model, x, fused):
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2, fused=fused)
     optimizer.zero_grad()
     model.bits_per_dim(x, 256).mean().backward()
@@ -116,7 +116,7 @@ def test_with_invalidation_off_a_fused_step_leaves_the_caches_until_they_are_cle
         before = model.decode(zs)
     layers = [m for m in model.modules() if isinstance(m, gnn.ActNormInvConv2d)]
     maps_before = [m._inverse_cache for m in layers]
-    _trained_step(model, x, fused_adam)
+    _optimizer_step(model, x, fused_adam)
 
     def decode_with_and_without_autograd():
         fresh = model.decode(zs).detach()  # the differentiable inverse, never cached
@@ -135,7 +135,7 @@ def test_with_invalidation_off_a_fused_step_leaves_the_caches_until_they_are_cle
     fresh, cached = decode_with_and_without_autograd()
     assert max_rel_error(cached, fresh) <= 1e-5
 
-    _trained_step(model, x, fused_adam)
+    _optimizer_step(model, x, fused_adam)
     gnn.set_cache_invalidation(True)
     fresh, cached = decode_with_and_without_autograd()
     assert max_rel_error(cached, fresh) <= 1e-5

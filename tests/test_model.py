@@ -184,6 +184,17 @@ def test_layers_pickled_under_the_old_module_paths_load_and_agree():
     assert max_rel_error(saved["split"](x)[2], saved["split_log_p"]) <= 1e-6
 
 
+def test_glow_ext_nn_exports_every_layer_name_from_one_place():
+    """Code and users import these as glow_ext.nn.<name>, whichever module defines them."""
+    names = ["random_rotation_lu", "check_permutation", "InvConv2dLU", "ActNormInvConv2d",
+             "COUPLINGS", "PERMUTATIONS", "ActNorm2d", "InvConv2d", "Shuffle", "Reverse",
+             "squeeze2d", "unsqueeze2d", "Squeeze2d", "ZeroConv2d", "CouplingNN", "AffineCoupling",
+             "AdditiveCoupling", "LOG_2PI", "gaussian_log_prob", "gaussian_sample", "Split",
+             "FlowStep", "set_cache_invalidation", "clear_caches"]
+    assert sorted(gnn.__all__) == sorted(names)
+    assert all(getattr(gnn, name) is not None for name in names)
+
+
 # ------------------------------------------------------------------------------------------------
 # The model
 # ------------------------------------------------------------------------------------------------
