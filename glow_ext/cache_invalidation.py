@@ -6,15 +6,16 @@ keyed on the tensors it was derived from: their version counters (bumped by in-p
 check never synchronises with a GPU.
 
 Fused optimizers (`torch.optim.Adam(fused=True)`, the trainer's default) write the parameters in
-place without bumping their version counters, and so does any write through `.data`. To see
-those steps too, every key also holds a count of optimizer steps, kept by a process-wide
-`torch.optim` step post-hook. The hook is registered the first time a cache is filled, not at
-import: a process that never decodes or samples without autograd never gets it.
+place without bumping their version counters. To see their steps too, every key also holds a
+count of optimizer steps, kept by a process-wide `torch.optim` step post-hook. The hook is
+registered the first time a cache is filled, not at import: a process that never decodes or
+samples without autograd never gets it. (Writes through `.data` bump no counter and are no
+optimizer step: call `clear_caches(model)` after them.)
 
 `set_cache_invalidation(False)` removes the hook and keeps it away. Version counters, storages,
-dtypes and devices still invalidate the caches, but after a fused optimizer step (or a write
-through `.data`) the caches hold maps of the old parameters until `clear_caches(model)` (or a
-layer's `clear_cache()`) is called; decoding or sampling before that is silently wrong.
+dtypes and devices still invalidate the caches, but after a fused optimizer step the caches hold
+maps of the old parameters until `clear_caches(model)` (or a layer's `clear_cache()`) is called;
+decoding or sampling before that is silently wrong.
 """
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
