@@ -8,6 +8,7 @@ coupling width 16.
 """
 import copy
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from torch.autograd.functional import jacobian
 
 import glow_ext
+from glow_ext import coupling_network
 from glow_ext import nn as gnn
 from glow_ext.models import CompiledAfterInit, Glow, GlowOutput
 
@@ -163,6 +165,36 @@ def test_split_prior_and_reverse():
     torch.testing.assert_close(split.reverse(kept, temperature=0.0)[:, 3:], h[:, :3])
 
 
+# torch.save of whole layers, written when every layer was defined in glow_ext/nn.py itself: the
+# pickle names each class as glow_ext.nn.<Class>. ActNormInvConv2d, InvConv2dLU, ActNorm2d,
+# InvConv2d, Shuffle, Reverse, Squeeze2d, AffineCoupling(4, 8), AdditiveCoupling(4, 8),
+# FlowStep(4, 8) and FlowStep(4, 8, "additive", "shuffle") after their init on x (2x4x4x4) and a
+# perturbation, in eval mode, with their outputs and inverses on x; and a Split(4) with its log_p.
+OLD_PICKLED_LAYERS = Path(__file__).parent / "fixtures" / "glow-nn-layers-v1.pt"
+
+
+def test_layers_pickled_under_the_old_module_paths_load_and_agree():
+    saved = torch.load(OLD_PICKLED_LAYERS, weights_only=False)
+    x = saved["x"]
+    with torch.no_grad():
+        for layer, output, inverse in zip(saved["layers"], saved["outputs"], saved["inverses"]):
+            assert max_rel_error(layer(x)[0], output) <= 1e-6, type(layer).__name__
+            assert max_rel_error(layer.reverse(output), inverse) <= 1e-6, type(layer).__name__
+            assert max_rel_error(layer.reverse(output), x) <= 1e-4, type(layer).__name__
+    assert max_rel_error(saved["split"](x)[2], saved["split_log_p"]) <= 1e-6
+
+
+def test_glow_ext_nn_exports_every_layer_name_from_one_place():
+    """Code and users import these as glow_ext.nn.<name>, whichever module defines them."""
+    names = ["random_rotation_lu", "check_permutation", "InvConv2dLU", "ActNormInvConv2d",
+             "COUPLINGS", "PERMUTATIONS", "ActNorm2d", "InvConv2d", "Shuffle", "Reverse",
+             "squeeze2d", "unsqueeze2d", "Squeeze2d", "ZeroConv2d", "CouplingNN", "AffineCoupling",
+             "AdditiveCoupling", "LOG_2PI", "gaussian_log_prob", "gaussian_sample", "Split",
+             "FlowStep", "set_cache_invalidation", "clear_caches"]
+    assert sorted(gnn.__all__) == sorted(names)
+    assert all(getattr(gnn, name) is not None for name in names)
+
+
 # ------------------------------------------------------------------------------------------------
 # The model
 # ------------------------------------------------------------------------------------------------
@@ -232,7 +264,7 @@ def test_sampling_uses_cached_inverse_maps_until_parameters_change(monkeypatch, 
     assert max_rel_error(cached, x) <= 1e-4
 
 
-@pytest.mark.skipif(not gnn._ONEDNN_INFERENCE, reason="this torch has no oneDNN inference convolutions")
+@pytest.mark.skipif(not coupling_network._ONEDNN_INFERENCE, reason="this torch has no oneDNN inference convolutions")
 def test_coupling_network_without_autograd_runs_prepacked_weights_until_they_change():
     """No grad, float32, CPU: oneDNN's fused inference convolutions on weights reordered once per
     parameter version and input shape, with the plain path's output; hooks, autograd and float64
@@ -291,7 +323,7 @@ def test_sampling_and_evaluation_agree_with_and_without_the_prepacked_path(monke
     x = rand_image((4, 3, 8, 8))
     results = []
     for prepacked in (True, False):
-        monkeypatch.setattr(gnn, "_ONEDNN_INFERENCE", prepacked and gnn._ONEDNN_INFERENCE)
+        monkeypatch.setattr(gnn.CouplingNN, "prepacked_inference", prepacked)
         torch.manual_seed(0)
         with torch.no_grad():
             results.append((model.sample(4, temperature=0.7), model.bits_per_dim(x, 256)))

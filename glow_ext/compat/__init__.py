@@ -18,7 +18,7 @@ imported, so `from . import _helper` inside them works during package import).
 import torch
 
 from .. import reference
-from ..nn import _all_reduce_mean
+from ..distributed import all_reduce_mean
 
 __all__ = ["rosinality", "glow_pytorch"]
 
@@ -42,8 +42,8 @@ def _channel_mean_var(x: torch.Tensor, unbiased: bool):
     if x.dim() != 4:
         raise ValueError(f"expected a 4-D input (N, C, H, W), got {tuple(x.shape)}")
     x = x.detach().to(reference.accumulation_dtype(x))
-    mean = _all_reduce_mean(x.mean(dim=(0, 2, 3)))
-    var = _all_reduce_mean((x - mean.view(1, -1, 1, 1)).square().mean(dim=(0, 2, 3)))
+    mean = all_reduce_mean(x.mean(dim=(0, 2, 3)))
+    var = all_reduce_mean((x - mean.view(1, -1, 1, 1)).square().mean(dim=(0, 2, 3)))
     if unbiased:
         count = (x.numel() // max(x.shape[1], 1)) * _world_size()
         var = var * (count / (count - 1)) if count > 1 else torch.full_like(var, float("nan"))
@@ -121,10 +121,9 @@ def _lu_of_dense(weight: torch.Tensor):
 
 def _conv_layout(x: torch.Tensor) -> torch.Tensor:
     """The coupling network's input in the layout its convolutions run fastest in: channels_last on
-    the CPU (oneDNN's native layout; measured on the rosinality- and y0ast-style coupling networks,
-    width 128, batch 16, 1 thread, forward + backward including both conversions: 10-17% faster at
-    CIFAR-10's first level, 8-13% at the second, even at the third), unchanged elsewhere (not
-    measured on CUDA)."""
+    the CPU (oneDNN's native layout, faster for the rosinality- and y0ast-style coupling networks'
+    forward + backward even with both conversions counted), unchanged on other devices, where the
+    layout was not measured."""
     return x.contiguous(memory_format=torch.channels_last) if x.device.type == "cpu" else x
 
 

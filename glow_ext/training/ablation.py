@@ -14,7 +14,8 @@ from .commands import report_error
 
 ABLATION_PERMUTATIONS = ("reverse", "shuffle", "invconv_lu")
 # The digits default model (glow_ext.training.config.DATASET_DEFAULTS["digits"]: dropout 0.2, logit
-# preprocessing) with half its steps: 9 runs take ~10 minutes on 2 CPU cores.
+# preprocessing) with half its steps: 9 runs take ~10 minutes on 2 CPU cores (wall_s in
+# benchmarks/results/ablation/ablation.json).
 ABLATION_DEFAULTS = dict(steps=1500, K=8, L=3, hidden=64, batch_size=64, lr=2e-3, warmup=200,
                          eval_every=100)
 

@@ -18,8 +18,8 @@ from .config import defaults_for
 from .errors import CheckpointError, RunFileError
 from .objective import build_model
 
-# The format tag of every checkpoint this trainer writes (a name, not a module path: it predates
-# glow_ext.training and stays so that older checkpoints load).
+# The format tag of every checkpoint this trainer writes: a name, not a module path, so that moving
+# the trainer's modules never changes it and every checkpoint written with it keeps loading.
 CHECKPOINT_FORMAT = "glow_ext.train/1"
 
 

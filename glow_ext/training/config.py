@@ -10,10 +10,10 @@ from .errors import TrainingError
 # Defaults: DEFAULTS, overridden per dataset by DATASET_DEFAULTS[dataset]. The image datasets get
 # the paper's CIFAR-10 model (K=32, L=3, width 512, affine, learned 1x1 conv, Adam 1e-3 with
 # warm-up). The digits default is chosen so that `glow-ext train` reaches a test bpd below 2.0 on
-# the scikit-learn digits in a few minutes on 2 CPU cores: the data is tiny (1500 images), so the
-# model is small, regularised with dropout in the coupling networks, fed through RealNVP's logit
-# preprocessing (digits pixels pile up at 0 and 16: the edges of the box), trained with a cosine
-# schedule and selected by held-out bpd.
+# the scikit-learn digits in a few minutes on 2 CPU cores (benchmarks/results/train-digits/
+# summary.json): the data is tiny (1500 images), so the model is small, regularised with dropout
+# in the coupling networks, fed through RealNVP's logit preprocessing (digits pixels pile up at 0
+# and 16: the edges of the box), trained with a cosine schedule and selected by held-out bpd.
 DEFAULTS = dict(
     dataset="digits", data_dir=None, image_size=None, n_bits=None, channels=3, test_fraction=0.1,
     K=32, L=3, hidden=512, coupling="affine", permutation="invconv_lu", actnorm_scale=1.0,

@@ -1,0 +1,83 @@
+"""ActNorm: a per-channel affine map whose first training batch sets it (data-dependent init)."""
+import torch
+from torch import nn
+
+from . import reference
+from .distributed import all_reduce_mean
+
+
+def _sync_initialized_flag(module, incompatible_keys):
+    module._initialized = bool(module.initialized)
+
+
+@torch.no_grad()
+def _channel_mean_std(x: torch.Tensor):
+    """Per-channel mean and population std over (N, H, W), two-pass, averaged over ranks."""
+    x = x.detach().to(reference.accumulation_dtype(x))
+    mean = all_reduce_mean(x.mean(dim=(0, 2, 3)))
+    var = all_reduce_mean((x - mean.view(1, -1, 1, 1)).square().mean(dim=(0, 2, 3)))
+    return mean, var.sqrt()
+
+
+class DataDependentActNorm:
+    """ActNorm's state and data-dependent init, shared by ActNorm2d and ActNormInvConv2d.
+
+    Parameters `bias`, `logs` (C,). On the first forward in train mode: bias = −mean,
+    logs = log(scale / (std + 1e-6)) (population std over N, H, W, averaged over torch.distributed
+    ranks). The flag is the `initialized` buffer, so a loaded checkpoint is never re-initialised.
+    """
+
+    def _register_actnorm(self, num_channels: int) -> None:
+        self.bias = nn.Parameter(torch.zeros(num_channels))
+        self.logs = nn.Parameter(torch.zeros(num_channels))
+        self.register_buffer("initialized", torch.tensor(False))
+        # Python mirror of the buffer: reading the buffer each call would synchronise with the GPU.
+        self._initialized = False
+        self.register_load_state_dict_post_hook(_sync_initialized_flag)
+
+    @torch.no_grad()
+    def initialize(self, x: torch.Tensor) -> None:
+        mean, std = _channel_mean_std(x)
+        # An empty or non-finite batch would make every later output NaN; the statistics are
+        # already averaged over ranks, so every rank raises together. One sync, on the first batch.
+        if not bool(torch.isfinite(mean).all() & torch.isfinite(std).all()):
+            raise ValueError(f"ActNorm's data-dependent initialisation needs a non-empty batch of "
+                             f"finite values; got shape {tuple(x.shape)}"
+                             f"{' (empty)' if x.numel() == 0 else ' with NaN or Inf values'}")
+        self.bias.copy_(-mean)
+        self.logs.copy_(torch.log(self.scale / (std + 1e-6)))
+        self.initialized.fill_(True)
+        self._initialized = True
+
+    def _initialize_if_needed(self, x: torch.Tensor) -> None:
+        if self.training and not self._initialized:
+            self.initialize(x)
+
+
+class ActNorm2d(DataDependentActNorm, nn.Module):
+    """ActNorm alone: y = (x + bias)·exp(logs) per channel, logdet = H·W·Σ logs (0-dim).
+
+    `bias`, `logs` are (C,). Data-dependent init on the first forward in train mode: bias = −mean,
+    logs = log(scale / (std + 1e-6)) (population std over N, H, W; averaged over torch.distributed
+    ranks). The flag is the `initialized` buffer, so a loaded checkpoint is never re-initialised;
+    reverse never initialises.
+    """
+
+    def __init__(self, num_channels: int, scale: float = 1.0):
+        super().__init__()
+        if num_channels < 1:
+            raise ValueError(f"num_channels must be positive, got {num_channels}")
+        self.num_channels = num_channels
+        self.scale = scale
+        self._register_actnorm(num_channels)
+
+    def forward(self, x: torch.Tensor):
+        self._initialize_if_needed(x)
+        y = (x + self.bias.view(1, -1, 1, 1)) * self.logs.exp().view(1, -1, 1, 1)
+        return y, self.logs.sum() * (x.shape[2] * x.shape[3])
+
+    def reverse(self, y: torch.Tensor) -> torch.Tensor:
+        return y * (-self.logs).exp().view(1, -1, 1, 1) - self.bias.view(1, -1, 1, 1)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_channels}, scale={self.scale}"
