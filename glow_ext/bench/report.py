@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 PARTS = ("logdet", "layers", "e2e")
+PLOTS_NEED = 'plots need the [bench] extra: pip install "glow_ext[bench]"'
 MODES = ("forward", "fwd+bwd", "inverse", "inverse fwd+bwd")
 BASELINES = ("naive", "lu_layer", "folded", "folded_perm")
 BASELINE_LABELS = {"naive": "naive (slogdet)", "lu_layer": "LU layer", "folded": "folded PyTorch",
@@ -71,8 +72,8 @@ def render(out_dir, device, readme=None):
             try:
                 files.append(draw(reports[part], out_dir / f"{part}-{device}.png"))
                 plots.append(part)
-            except ImportError as error:  # a bare GPU machine may lack matplotlib: tables only
-                print(f"no {part} plot: {error}")
+            except ImportError as error:  # matplotlib comes with the [bench] extra: tables only
+                print(f"no {part} plot ({error}): {PLOTS_NEED}")
     summary = out_dir / f"SUMMARY-{device}.md"
     summary.write_text(summary_markdown(reports, device, "", plots) + "\n")
     files.append(summary)

@@ -237,9 +237,16 @@ def run(args):
     name = f"reversible-{device}"
     (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / f"{name}.md").write_text(markdown(result))
-    plot(result, out / f"{name}.png")
+    written = ".json, .md"
+    try:
+        plot(result, out / f"{name}.png")
+        written += ", .png"
+    except ImportError as error:  # matplotlib comes with the [bench] extra: tables only
+        from .report import PLOTS_NEED
+
+        print(f"no plot ({error}): {PLOTS_NEED}")
     print(markdown(result))
-    print(f"wrote {out / name}.json, .md, .png")
+    print(f"wrote {out / name}{written}")
     if args.update_readme:
         from .report import update_readme
 

@@ -230,8 +230,8 @@ def load_digits_splits() -> DataSplits:
     """scikit-learn digits: 1797 8x8 grey images with 17 levels; 1500 train / 297 test."""
     try:
         from sklearn.datasets import load_digits
-    except ImportError as e:  # pragma: no cover - a dependency
-        raise DataError("the digits dataset needs scikit-learn (pip install scikit-learn)") from e
+    except ImportError as e:
+        raise DataError('the digits dataset needs scikit-learn: pip install "glow_ext[train]"') from e
     digits = load_digits()
     images = np.asarray(digits.images)
     if images.shape != (DIGITS_N, 8, 8):
