@@ -275,7 +275,7 @@ def markdown(result):
             f"| {rev['peak_bytes_over_baseline'] / 2**20:.0f} MiB | {std['step_ms_median']:.0f} ms "
             f"| {rev['step_ms_median']:.0f} ms | {s['step_time_ratio']:.2f}x "
             f"| {c['grad_norm_rel_max']:.1e} | {c['reconstruction_max_rel']:.1e} |")
-    lines += ["", "Targets: " + ", ".join(f"{k}: {'met' if v else 'NOT met'}"
+    lines += ["", "Goals: " + ", ".join(f"{k}: {'met' if v else 'NOT met'}"
                                           for k, v in result["targets"].items()), ""]
     return "\n".join(lines)
 
