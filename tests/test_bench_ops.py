@@ -10,13 +10,22 @@ import sys
 import pytest
 import torch
 
+import glow_ext
 from glow_ext import reference
 from glow_ext.bench import methods as opbench, report as bench_report, roofline
+from glow_ext.bench.common import report_header
 
 from conftest import repo_root
 
 # --------------------------------------------------------------------------------------------------
 # Roofline math
+
+
+def test_reports_record_version_and_build_but_no_path():
+    header = report_header("cpu")
+    assert header["glow_ext_version"] == glow_ext.__version__
+    assert header["build_info"]["cpu_kernels"] == glow_ext.build_info()["cpu_kernels"]
+    assert os.path.dirname(os.path.abspath(glow_ext.__file__)) not in json.dumps(header)
 
 
 def test_layer_work_counts_the_folded_path_by_hand():
