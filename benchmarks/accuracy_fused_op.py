@@ -1,7 +1,6 @@
 #!/usr/bin/env python3
-"""Float32 error of the fused ActNorm + LU 1x1 op against a float64 reference (issue 9, item 5), next
-to plain float32 PyTorch in issue 9's "folded" form (glow_ext.bench.methods.folded_forward), at
-C = 12..1024.
+"""Float32 error of the fused ActNorm + LU 1x1 op against a float64 reference, next to plain
+float32 PyTorch in the "folded" form (glow_ext.bench.methods.folded_forward), at C = 12..1024.
 
 Per C, on 16 x C x 8 x 8 inputs with the LU factors of a perturbed random rotation
 (glow_ext.bench.methods.Problem): the forward output's error max|Δ| / max|y|; the gradient error,

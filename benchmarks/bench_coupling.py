@@ -30,6 +30,7 @@ if (HERE.parent / "glow_ext" / "__init__.py").is_file():
 
 import glow_ext  # noqa: E402
 from glow_ext import coupling_ops  # noqa: E402
+from glow_ext.bench.common import build_description  # noqa: E402
 from glow_ext.models import Glow  # noqa: E402
 from glow_ext.nn import AffineCoupling  # noqa: E402
 
@@ -158,7 +159,8 @@ def main():
     if not coupling_ops.kernels_available():
         sys.exit("the compiled coupling kernels are not available: nothing to measure")
     header = {"torch": torch.__version__, "threads": torch.get_num_threads(),
-              "machine": platform.processor() or platform.machine(), "build": glow_ext.build_info(),
+              "machine": platform.processor() or platform.machine(),
+              "glow_ext_version": glow_ext.__version__, "build": build_description(),
               "date": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
     print("elementwise part of the coupling (medians):", flush=True)
     rows = elementwise(args.reps)

@@ -25,7 +25,7 @@
 # ops-cuda.json summary.txt, and suite/ ({logdet,layers,e2e}-cuda.json, *.png, SUMMARY-cuda.md: copy
 # suite/ into benchmarks/results/ and run `glow-ext bench --device cuda --render-only --update-readme`
 # to publish them). Exit status: non-zero iff the build (or build_info) or the CUDA tests failed; the
-# benchmarks' targets, the suite and the sanitizer are reported in summary.txt only.
+# benchmarks' goals, the suite and the sanitizer are reported in summary.txt only.
 #
 # Knobs: PYTHON (default python3), GPU_CHECK_BUDGET_S, GPU_CHECK_PYTEST_ARGS (extra pytest args),
 # MAX_JOBS / TORCH_CUDA_ARCH_LIST (default 16 / 9.0).
@@ -174,7 +174,7 @@ fi
     echo "build: rc=$BUILD_RC, build_info: rc=$INFO_RC"
     echo "cuda tests: rc=$TESTS_RC $(grep -E '[0-9]+ (passed|failed|error)' "$OUTDIR/tests.log" 2>/dev/null | tail -n 1)"
     echo "sanitizer: rc=$SAN_RC (not fatal)"
-    echo "bench: rc=$BENCH_RC (targets are never fatal)"
+    echo "bench: rc=$BENCH_RC (missed goals are never fatal)"
     if [ -f "$OUTDIR/bench.log" ]; then
         sed -n '/^summary:/,$p' "$OUTDIR/bench.log"
     fi
@@ -184,7 +184,7 @@ fi
     fi
     echo "reversible: rc=$REVERSIBLE_RC (not fatal)"
     if [ -f "$OUTDIR/reversible.log" ]; then
-        grep -E '^(\| [0-9]|Targets:|.*samples: cached)' "$OUTDIR/reversible.log"
+        grep -E '^(\| [0-9]|Goals:|.*samples: cached)' "$OUTDIR/reversible.log"
     fi
     echo "total: $(($(date +%s) - START))s"
 } >>"$SUMMARY"

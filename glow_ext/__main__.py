@@ -7,11 +7,20 @@ glow_ext.training.commands, ablate in glow_ext.training.ablation (the training a
 glow_ext.training package); bench-ops in glow_ext.bench.ops, bench in glow_ext.bench.suite (its
 plots and tables in glow_ext.bench.report), bench-reversible in glow_ext.bench.reversible,
 bench-dropin in glow_ext.bench.dropin.
+
+`pip install glow_ext` brings torch and numpy only. A command that cannot run without an optional
+package is wrapped in `_needs_extra`: without the package it says, in one line, which extra to
+install (exit status 2). The benchmarks need none: without matplotlib they skip their plots.
 """
 import argparse
 import importlib
+import importlib.util
 import json
 import sys
+
+# The modules each extra of pyproject.toml provides that some command cannot run without:
+# scikit-learn's digits dataset, pillow for image folders and sample grids.
+REQUIRED_MODULES = {"train": ("sklearn", "PIL")}
 
 
 def _info_arguments(parser):
@@ -34,6 +43,17 @@ def _lazy(module, function, exit_status=None):
     return call
 
 
+def _needs_extra(extra, run):
+    """run, unless a module of REQUIRED_MODULES[extra] is missing: then one line naming the extra."""
+    def checked(args):
+        if any(importlib.util.find_spec(module) is None for module in REQUIRED_MODULES[extra]):
+            print(f'glow-ext {args.command} needs the [{extra}] extra: pip install "glow_ext[{extra}]"',
+                  file=sys.stderr)
+            return 2
+        return run(args)
+    return checked
+
+
 COMMANDS = [
     ("info", "print how the extension was built (glow_ext.build_info()) as JSON",
      _info_arguments, _info_run),
@@ -49,13 +69,17 @@ COMMANDS = [
                      "against the glow_ext.compat drop-ins, same weights",
      _lazy("bench.dropin", "add_arguments"), _lazy("bench.dropin", "run_command")),
     ("train", "train Glow (digits by default; cifar10, a folder of images); also under torchrun",
-     _lazy("training.commands", "train_arguments"), _lazy("training.commands", "train_run")),
+     _lazy("training.commands", "train_arguments"),
+     _needs_extra("train", _lazy("training.commands", "train_run"))),
     ("sample", "write a grid of samples from a trained checkpoint as a PNG",
-     _lazy("training.commands", "sample_arguments"), _lazy("training.commands", "sample_run")),
+     _lazy("training.commands", "sample_arguments"),
+     _needs_extra("train", _lazy("training.commands", "sample_run"))),
     ("evaluate", "print the test bits/dim of a trained checkpoint",
-     _lazy("training.commands", "evaluate_arguments"), _lazy("training.commands", "evaluate_run")),
+     _lazy("training.commands", "evaluate_arguments"),
+     _needs_extra("train", _lazy("training.commands", "evaluate_run"))),
     ("ablate", "permutation ablation on digits: reverse vs shuffle vs learned 1x1 conv, 3 seeds",
-     _lazy("training.ablation", "ablate_arguments"), _lazy("training.ablation", "ablate_run")),
+     _lazy("training.ablation", "ablate_arguments"),
+     _needs_extra("train", _lazy("training.ablation", "ablate_run"))),
 ]
 
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Sets up a fresh machine for glow_ext: a virtual environment in .venv with torch and the build and
-# test tools, then builds the C++ (and, when torch is a CUDA build and nvcc exists, CUDA) kernels in
-# place. Safe to re-run: finished steps are quick. Source it or run it; PYTHON picks the interpreter.
+# Sets up a fresh machine for glow_ext: a virtual environment in .venv with torch, the build tools and
+# the packages of every extra, then builds the C++ (and, when torch is a CUDA build and nvcc exists,
+# CUDA) kernels in place. Safe to re-run: finished steps are quick. Source it or run it; PYTHON picks
+# the interpreter.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -9,10 +10,11 @@ if [ ! -x .venv/bin/python ]; then
   echo "== creating .venv"
   "${PYTHON:-python3}" -m venv .venv
 fi
-echo "== installing torch and the build/test tools (torch is a large download the first time)"
+echo "== installing torch and the build tools (torch is a large download the first time)"
 .venv/bin/python -m pip install -q --disable-pip-version-check \
-  "torch>=2.4" numpy pytest pytest-benchmark expecttest pybind11 setuptools wheel ninja scikit-learn pillow matplotlib hypothesis
-echo "== building glow_ext (setup.py prints a build summary)"
-.venv/bin/python -m pip install -q --disable-pip-version-check --no-build-isolation -e . \
-  || { echo "glow_ext build failed: see the compiler output above" >&2; exit 1; }
+  "torch>=2.4" numpy pybind11 "setuptools>=77" wheel ninja
+# [all]: every extra of pyproject.toml (training, benchmarks, tests), so main.sh and test.sh run all.
+echo "== building glow_ext with all its extras (setup.py prints a build summary)"
+.venv/bin/python -m pip install -q --disable-pip-version-check --no-build-isolation -e ".[all]" \
+  || { echo "glow_ext install failed: see the compiler or pip output above" >&2; exit 1; }
 .venv/bin/python -m glow_ext info

@@ -70,7 +70,7 @@ def copy_package(dest: Path, with_sources: bool) -> None:
                     ignore=shutil.ignore_patterns("*.so", "*.pyd", "*.build.json", "__pycache__", "*.pyc"))
     if with_sources:
         shutil.copytree(ROOT / "csrc", dest / "csrc", ignore=shutil.ignore_patterns("*.o", "__pycache__"))
-        for name in ("setup.py", "pyproject.toml", "MANIFEST.in", "README.md"):
+        for name in ("setup.py", "pyproject.toml", "MANIFEST.in", "README.md", "LICENSE"):
             shutil.copy2(ROOT / name, dest / name)
 
 

@@ -74,7 +74,7 @@ def test_plain_pip_install_of_an_sdist_builds_against_the_installed_torch(tmp_pa
     assert sdist_made.returncode == 0, output(sdist_made)
     (sdist,) = (tmp_path / "dist").glob("glow_ext-*.tar.gz")
     members = {name.split("/", 1)[1] for name in tarfile.open(sdist).getnames() if "/" in name}
-    for expected in ("setup.py", "pyproject.toml", "MANIFEST.in", "glow_ext/_build.py", "csrc/ops.cpp",
+    for expected in ("setup.py", "pyproject.toml", "MANIFEST.in", "LICENSE", "glow_ext/_build.py", "csrc/ops.cpp",
                      "csrc/actnorm_invconv.h", "csrc/glow_ext_math.h", "csrc/cpu/actnorm_invconv_cpu.cpp",
                      "csrc/cuda/actnorm_invconv_cuda.cu"):
         assert expected in members, sorted(members)

@@ -39,7 +39,7 @@ def _no_tf32():
 
 
 # ----------------------------------------------------------------------------------------------
-# Reference modules, from the formulas (see /work/shared/glow-facts.md).
+# Reference modules: each docstring states the formulas of the layer it stands for.
 
 def _logabsdet64(matrix):
     return torch.linalg.slogdet(matrix.to(torch.float64))[1].to(matrix.dtype)

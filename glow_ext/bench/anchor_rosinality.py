@@ -1,7 +1,8 @@
 """A faithful rosinality/glow-pytorch-style Glow, the model our end-to-end benchmarks compare with.
 
 Same architecture, initialisation and arithmetic as that project's `model.py` (written here from
-its documented structure; see /work/shared/glow-facts.md): each level squeezes, runs K flow steps
+its documented structure, no code copied; the facts relied on are stated here and in each class's
+docstring): each level squeezes, runs K flow steps
 (ActNorm → 1x1 conv → affine coupling whose network is conv3x3 → ReLU → conv1x1 → ReLU →
 ZeroConv2d, scale = sigmoid(log_s + 2)), then splits off half the channels scored by a learned
 conditional prior (a ZeroConv2d of the kept half; the top prior is a ZeroConv2d of zeros).
@@ -23,7 +24,9 @@ __all__ = ["ActNorm", "InvConv2dLU", "ZeroConv2d", "AffineCoupling", "Flow", "Bl
 
 
 class ActNorm(nn.Module):
-    """y = scale·(x + loc), data-dependent init on the first forward (flag read from the buffer)."""
+    """y = scale·(x + loc), logdet = H·W·Σ log|scale|; data-dependent init on the first forward
+    (flag: the uint8 buffer `initialized`): loc = −mean, scale = 1/(unbiased std + 1e-6) per channel
+    over (N, H, W)."""
 
     def __init__(self, in_channel):
         super().__init__()

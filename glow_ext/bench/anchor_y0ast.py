@@ -1,7 +1,8 @@
 """A faithful y0ast/Glow-PyTorch-style Glow, the second model the drop-in benchmark compares with.
 
 Same architecture, initialisation and arithmetic as that project's `model.py` / `modules.py`
-(written here from their documented structure, see /work/shared/glow-facts.md; no code copied):
+(written here from their documented structure, no code copied; the facts relied on are stated
+here and in each class's docstring):
 each level squeezes, runs K flow steps, then (except the last) a `Split2d`. A `FlowStep` is
 ActNorm2d → InvertibleConv1x1 (LU) → affine coupling, the coupling written inside the step (not a
 module of its own): its network `block` is Conv2d (3x3 conv without bias + ActNorm2d) → ReLU →
@@ -32,8 +33,9 @@ __all__ = ["ActNorm2d", "InvertibleConv1x1", "Conv2d", "Conv2dZeros", "FlowStep"
 
 
 class ActNorm2d(nn.Module):
-    """y = (x + bias)·exp(logs); logdet += H·W·Σ logs. Init (train mode, first call) from the data;
-    the flag is a plain attribute, as in the original."""
+    """y = (x + bias)·exp(logs); logdet += H·W·Σ logs. Init (train mode, first call) from the data,
+    per channel over (N, H, W): bias = −mean, logs = log(scale / (sqrt(E[(x − mean)²]) + 1e-6)); the
+    flag is a plain attribute, as in the original."""
 
     def __init__(self, num_features, scale=1.0):
         super().__init__()

@@ -97,12 +97,21 @@ def _cpu_model():
 
 
 def report_header(device):
-    """What every benchmark report starts with: when, where, on which torch and build."""
+    """What every benchmark report starts with: when, where, on which torch, package and build."""
     import glow_ext
 
     return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "device": str(device), "machine": machine_info(device),
-            "torch_version": torch.__version__, "build_info": glow_ext.build_info()}
+            "torch_version": torch.__version__, "glow_ext_version": glow_ext.__version__,
+            "build_info": build_description()}
+
+
+def build_description():
+    """glow_ext.build_info() without the module's path: results are committed, and where the
+    kernels sat on the machine that measured them tells a reader nothing."""
+    import glow_ext
+
+    return {key: value for key, value in glow_ext.build_info().items() if key != "module"}
 
 
 def machine_info(device):

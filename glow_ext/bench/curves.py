@@ -263,8 +263,8 @@ def run_curves(device, channels, fit_min_c, settings, seed, progress):
 
 
 def inverse_training_ratios(times, channels):
-    """Issue 9's target for the inverse in training: naive inverse layer time / the inverse op's,
-    forward + backward, at every C of the sweep (>= 1.0x wanted)."""
+    """The inverse in training: naive inverse layer time / the inverse op's, forward + backward,
+    at every C of the sweep (the goal: >= 1.0x at every C)."""
     per_c = times["inverse"]["fwd+bwd"]
     ratios = {str(c): per_c["naive_op"][str(c)]["median_ms"] / per_c["ours_op"][str(c)]["median_ms"]
               for c in channels}

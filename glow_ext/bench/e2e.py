@@ -35,7 +35,7 @@ from .common import BenchError, summarize, synchronizer, time_methods
 from .roofline import floor_ms, measure_ceilings
 
 # Glow on 3x32x32 images (CIFAR-10's), affine coupling. The paper's model is K=32, L=3, width 512;
-# on a CPU K=8, width 128 is the small case the issue's targets name.
+# on a CPU first K=8, width 128, the size `glow-ext bench-dropin` times too.
 CONFIGS = {
     "cpu": ({"name": "cifar10 K8 w128 b16", "K": 8, "L": 3, "hidden": 128, "batch": 16},
             {"name": "cifar10 K32 w512 b16", "K": 32, "L": 3, "hidden": 512, "batch": 16}),

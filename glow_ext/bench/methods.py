@@ -20,7 +20,7 @@ CUDA_BANDWIDTH_SHAPE = (128, 48, 64, 64)
 MODES = ("forward", "fwd+bwd", "inverse", "inverse fwd+bwd")
 TRAINING_MODES = ("fwd+bwd", "inverse fwd+bwd")
 BASELINES = ("naive", "lu_layer", "folded", "folded_perm")
-# The baselines of issue 9's targets (folded_perm is a stronger plain-PyTorch form at large C).
+# The baselines of the training goals (folded_perm is a stronger plain-PyTorch form at large C).
 TARGET_BASELINES = ("naive", "lu_layer", "folded")
 METHODS_BY_MODE = {
     "forward": ("ours",) + BASELINES + ("clone",),
@@ -35,7 +35,7 @@ METHOD_DESCRIPTIONS = {
     "naive": "(a) ActNorm + F.conv2d with a plain weight; logdet via slogdet; inverse via torch.inverse",
     "lu_layer": "(b) LU layer assembling W with two CxC matmuls per call (dense P, masks); ActNorm "
                 "separate; F.conv2d; inverse via torch.inverse",
-    "folded": "(c) issue 9's plain float32 PyTorch: masks built once, W = P @ (lower*lmask + I) @ "
+    "folded": "(c) plain float32 PyTorch as a user would write it: masks built once, W = P @ (lower*lmask + I) @ "
               "(upper*umask + diag(sign_s*exp(log_s))), a = exp(logs), y = baddbmm((W @ (a*bias))"
               ".view(1,C,1), (W*a).expand(N,C,C), x.view(N,C,H*W)), logdet = H*W*(logs.sum() + "
               "log_s.sum()), autograd for the rest; inverse: W^-1 from two solve_triangular calls "
@@ -175,7 +175,7 @@ def lu_layer_inverse(pb, y, bias, logs, lower, upper, log_s):
 
 
 def folded_forward(pb, x, bias, logs, lower, upper, log_s):
-    """Issue 9's "folded", as written there."""
+    """The "folded" baseline: W from the masked factors, ActNorm folded into it, one baddbmm."""
     n, c, h, w = x.shape
     weight = lu_layer_weight(pb, lower, upper, log_s)
     a = logs.exp()
@@ -395,9 +395,9 @@ def shape_roofline(shape, ours_ms, ceilings, dtype=torch.float32, clone_gbps=0.0
 
 
 # --------------------------------------------------------------------------------------------------
-# Summaries over shapes and issue 9's training targets
+# Summaries over shapes and the training goals
 
-# Issue 9's targets: the training path never slower than plain PyTorch, 2x folded on average, the
+# The training goals: the training path never slower than plain PyTorch, 2x folded on average, the
 # backward at most twice the forward and every pass at >= 70% of its roofline at C <= 48.
 SMALL_C = 48
 ROOFLINE_TARGET_PCT = 70.0
@@ -419,6 +419,8 @@ def ratio_summary(ratios):
 
 
 def make_target(name, value, op, threshold, detail=None):
+    """A goal as the reports store it: `target` names what is measured, `passed` whether
+    value op threshold holds."""
     passed = value >= threshold if op == ">=" else value <= threshold
     entry = {"target": name, "value": value, "op": op, "threshold": threshold, "passed": bool(passed)}
     if detail:
@@ -427,7 +429,8 @@ def make_target(name, value, op, threshold, detail=None):
 
 
 def training_targets(results, ratios):
-    """Issue 9's targets over {shape label: time_problem's results} and {label: ratios}."""
+    """The training goals (make_target entries) over {shape label: time_problem's results} and
+    {label: ratios}."""
     summary = ratio_summary(ratios)
     targets = []
     for mode, baselines in (("fwd+bwd", TARGET_BASELINES), ("inverse fwd+bwd", ("naive",))):

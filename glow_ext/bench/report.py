@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 PARTS = ("logdet", "layers", "e2e")
+PLOTS_NEED = 'plots need the [bench] extra: pip install "glow_ext[bench]"'
 MODES = ("forward", "fwd+bwd", "inverse", "inverse fwd+bwd")
 BASELINES = ("naive", "lu_layer", "folded", "folded_perm")
 BASELINE_LABELS = {"naive": "naive (slogdet)", "lu_layer": "LU layer", "folded": "folded PyTorch",
@@ -71,8 +72,8 @@ def render(out_dir, device, readme=None):
             try:
                 files.append(draw(reports[part], out_dir / f"{part}-{device}.png"))
                 plots.append(part)
-            except ImportError as error:  # a bare GPU machine may lack matplotlib: tables only
-                print(f"no {part} plot: {error}")
+            except ImportError as error:  # matplotlib comes with the [bench] extra: tables only
+                print(f"no {part} plot ({error}): {PLOTS_NEED}")
     summary = out_dir / f"SUMMARY-{device}.md"
     summary.write_text(summary_markdown(reports, device, "", plots) + "\n")
     files.append(summary)
@@ -146,16 +147,15 @@ def curves_markdown(report, prefix):
         f"inverting 16 pixels takes {_ms(t['inverse']['forward']['naive_op'][top]['median_ms'])} ms "
         f"through torch.inverse, {_ms(t['inverse']['forward']['ours_op'][top]['median_ms'])} ms through "
         f"the inverse op ({_x(t['inverse']['forward']['naive_op'][top]['median_ms'] / t['inverse']['forward']['ours_op'][top]['median_ms'])}).")]
-    training = body.get("inverse_training")  # absent from reports written before issue 9
-    if training:
-        ratios = training["naive_op_over_ours_op"]
-        below = training["channels_below_1x"]
-        lines += ["", (
-            "The inverse in training (forward + backward into y and every parameter, 16 pixels): naive "
-            "inverse layer time / the inverse op's at C = "
-            + ", ".join(f"{c}: {_x(r)}" for c, r in ratios.items())
-            + (f"; below 1.0x at C = {', '.join(map(str, below))}" if below else "; never below 1.0x")
-            + " (issue 9's target: >= 1.0x at every C).")]
+    training = body["inverse_training"]
+    ratios = training["naive_op_over_ours_op"]
+    below = training["channels_below_1x"]
+    lines += ["", (
+        "The inverse in training (forward + backward into y and every parameter, 16 pixels): naive "
+        "inverse layer time / the inverse op's at C = "
+        + ", ".join(f"{c}: {_x(r)}" for c, r in ratios.items())
+        + (f"; below 1.0x at C = {', '.join(map(str, below))}" if below else "; never below 1.0x")
+        + " (goal: >= 1.0x at every C).")]
     return lines
 
 
@@ -243,8 +243,8 @@ def targets_lines(title, targets):
     lines = [f"{title}:", ""]
     for t in targets:
         detail = f" ({t['detail']})" if t.get("detail") else ""
-        lines.append(f"- {'PASS' if t['passed'] else '**FAIL**'} {t['target']}: {t['value']:.2f}, "
-                     f"target {t['op']} {t['threshold']:g}{detail}")
+        lines.append(f"- {'met' if t['passed'] else '**missed**'}: {t['target']}: {t['value']:.2f}, "
+                     f"goal {t['op']} {t['threshold']:g}{detail}")
     return lines
 
 
@@ -255,7 +255,7 @@ def layers_markdown(report, prefix):
         f"{_when(report)}; `{prefix}layers-{report['device']}.json`). ms per call of ours; \"vs\" "
         "columns are baseline time / ours, from the same run: naive = ActNorm + conv2d + slogdet "
         "(torch.inverse of W, conv2d, ActNorm undone for the inverse), LU layer = W assembled from "
-        "P·L·U each call (rosinality-style), folded = issue 9's plain float32 PyTorch (W = P·L·U' "
+        "P·L·U each call (rosinality-style), folded = plain float32 PyTorch (W = P·L·U' "
         "with masks built once, ActNorm folded in, one baddbmm; autograd), folded (perm) = the same "
         "fold with W's rows permuted by indexing instead of the dense P matmul (one C×C matmul "
         "fewer: the stronger baseline at large C); ours/copy = ours time / "
@@ -274,7 +274,7 @@ def layers_markdown(report, prefix):
     summaries.append(([f"**all {n_shapes}**", "geomean", ""], report["ratio_summary_all"]))
     lines += speed_tables(["model (batch)", "level", "N,C,H,W"], rows, summaries, cuda)
     lines += [ceilings_line(report), ""]
-    lines += targets_lines(f"Issue 9's targets over the {n_shapes} level shapes", report["targets"])
+    lines += targets_lines(f"Training goals over the {n_shapes} level shapes", report["targets"])
     extra = report.get("cuda")
     if extra:
         bw = extra["bandwidth"]
@@ -282,13 +282,14 @@ def layers_markdown(report, prefix):
             f"Bandwidth at {'x'.join(map(str, bw['shape']))}: ours forward {bw['ours_forward_gbps']:.0f} GB/s "
             f"against a device copy of {bw['copy_gbps']:.0f} GB/s ({100 * bw['fraction_of_copy']:.0f}%). "
             "Host-sync check (torch.cuda.set_sync_debug_mode('error')) of forward, backward, inverse and "
-            f"inverse backward: {'PASS' if extra['sync_check_passed'] else 'FAIL'} at "
-            f"{', '.join(extra['sync_check'])}.")]
+            "inverse backward: "
+            + ("no host synchronisation" if extra["sync_check_passed"] else "**a host synchronisation**")
+            + f" at {', '.join(extra['sync_check'])}.")]
     return lines
 
 
 def require_roofline(report, path, command):
-    """A clear error for a report written before the roofline columns (issue 9) existed."""
+    """A clear error for a report written before the roofline columns existed."""
     if "ceilings" not in report:
         raise ValueError(f"{path} predates the roofline and inverse fwd+bwd columns; re-run `{command}`")
 
@@ -306,7 +307,7 @@ def ops_markdown(report, link):
         "gradients of both training modes, before timing). \"vs\" columns are baseline time / ours: "
         "(a) *naive* = ActNorm + `conv2d` with a plain weight + `slogdet` (`torch.inverse` of W, "
         "`conv2d`, ActNorm undone for the inverse), (b) *LU layer* = the usual layer assembling "
-        "`P·L·U` with two C×C matmuls per call, (c) *folded* = issue 9's plain float32 PyTorch (masks "
+        "`P·L·U` with two C×C matmuls per call, (c) *folded* = plain float32 PyTorch as a user would write it (masks "
         "built once, `W = P @ (lower*lmask + I) @ (upper*umask + diag(sign_s*exp(log_s)))`, ActNorm "
         "folded in, one `baddbmm`, autograd; the inverse from two triangular solves), (c') *folded "
         "(perm)* = the same fold with W's rows permuted by indexing instead of the dense P matmul "
@@ -318,7 +319,7 @@ def ops_markdown(report, link):
     lines += speed_tables(["shape (N,C,H,W)"], rows,
                           [([f"**geomean of {len(rows)}**"], report["ratio_summary"])], cuda)
     lines += [ceilings_line(report), ""]
-    lines += targets_lines("Targets (issue 9's training targets last)", report["targets"])
+    lines += targets_lines("Speed goals (the training goals last)", report["targets"])
     return "\n".join(lines)
 
 
@@ -378,13 +379,13 @@ def part_digest(part, report):
         lines.append("all shapes, geomean (shapes below 1.0x) vs naive / LU layer / folded: " + ", ".join(
             f"{mode} " + " / ".join(f"{_x(s['geomean'])} ({s['shapes_below_1x']})"
                                     for s in (summary[mode][b] for b in BASELINES)) for mode in MODES))
-        lines.append("issue 9 targets: " + "; ".join(
-            f"{'PASS' if t['passed'] else 'FAIL'} {t['target']} {t['value']:.2f}"
+        lines.append("training goals: " + "; ".join(
+            f"{'met' if t['passed'] else 'MISSED'} {t['target']} {t['value']:.2f}"
             for t in report["targets"]))
         if report.get("cuda"):
             bw = report["cuda"]["bandwidth"]
             lines.append(f"ours forward {bw['ours_forward_gbps']:.0f} GB/s vs copy {bw['copy_gbps']:.0f} GB/s; "
-                         f"host-sync check {'PASS' if report['cuda']['sync_check_passed'] else 'FAIL'}")
+                         f"host synchronisations: {'none' if report['cuda']['sync_check_passed'] else 'FOUND'}")
     else:
         from . import e2e
 
@@ -520,7 +521,7 @@ def plot_layers(report, path):
     ax.axhline(100.0, color="k", linewidth=0.8)
     ax.axhline(70.0, color="0.5", linewidth=0.8, linestyle="--")
     ax.set_ylabel("% of roofline")
-    ax.set_title("ours' time as % of the roofline (dashed: issue 9's 70% at C ≤ 48; backward = "
+    ax.set_title("ours' time as % of the roofline (dashed: the 70% goal at C ≤ 48; backward = "
                  "the backward alone)", fontsize=10)
     ax.legend(fontsize=7, ncol=len(roof_modes), loc="upper right")
     ax.grid(True, axis="y", alpha=0.25)

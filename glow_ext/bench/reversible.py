@@ -237,9 +237,16 @@ def run(args):
     name = f"reversible-{device}"
     (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / f"{name}.md").write_text(markdown(result))
-    plot(result, out / f"{name}.png")
+    written = ".json, .md"
+    try:
+        plot(result, out / f"{name}.png")
+        written += ", .png"
+    except ImportError as error:  # matplotlib comes with the [bench] extra: tables only
+        from .report import PLOTS_NEED
+
+        print(f"no plot ({error}): {PLOTS_NEED}")
     print(markdown(result))
-    print(f"wrote {out / name}.json, .md, .png")
+    print(f"wrote {out / name}{written}")
     if args.update_readme:
         from .report import update_readme
 
@@ -268,7 +275,7 @@ def markdown(result):
             f"| {rev['peak_bytes_over_baseline'] / 2**20:.0f} MiB | {std['step_ms_median']:.0f} ms "
             f"| {rev['step_ms_median']:.0f} ms | {s['step_time_ratio']:.2f}x "
             f"| {c['grad_norm_rel_max']:.1e} | {c['reconstruction_max_rel']:.1e} |")
-    lines += ["", "Targets: " + ", ".join(f"{k}: {'met' if v else 'NOT met'}"
+    lines += ["", "Goals: " + ", ".join(f"{k}: {'met' if v else 'NOT met'}"
                                           for k, v in result["targets"].items()), ""]
     return "\n".join(lines)
 

@@ -11,7 +11,8 @@ JSON under --out as soon as it finishes (so a run cut short keeps the parts it f
            CelebA-HQ-256: glow_ext.bench.ops's methods (ours, naive, LU layer, folded, copy), modes
            (forward, fwd+bwd, inverse, inverse fwd+bwd) and agreement checks, ours' % of the
            roofline (ceilings measured once per run), geomeans and shapes below 1.0x over all
-           level shapes, issue 9's targets -> layers-<device>.json
+           level shapes, the training goals (glow_ext.bench.methods.training_targets)
+           -> layers-<device>.json
   e2e      one training step (forward + backward + Adam) and sampling of a whole Glow: ours eager,
            compiled, with naive layers, and the rosinality-style model; roofline fractions and
            memory (glow_ext.bench.e2e) -> e2e-<device>.json
@@ -142,13 +143,13 @@ def run_layers(device, models, settings, seed, progress, stream, quick=False):
     for entry in report["models"].values():
         entry["geomeans"] = _geomeans(entry["per_shape"].values())
     report["geomeans_all"] = _geomeans(s for e in report["models"].values() for s in e["per_shape"].values())
-    # Over every level shape of every model (13 in the full run): issue 9's targets.
+    # Over every level shape of every model (13 in the full run): the training goals.
     all_shapes = {label: s for e in report["models"].values() for label, s in e["per_shape"].items()}
     report["ratio_summary_all"] = opbench.ratio_summary({k: s["ratios"] for k, s in all_shapes.items()})
     report["targets"] = opbench.training_targets({k: s["results"] for k, s in all_shapes.items()},
                                                  {k: s["ratios"] for k, s in all_shapes.items()})
     print_ratio_summary(report["ratio_summary_all"], stream)
-    print_targets("issue 9's targets over the level shapes (evaluated, never fatal)", report["targets"],
+    print_targets("training goals over the level shapes (evaluated, never fatal)", report["targets"],
                   stream)
     if device == "cuda":
         report["cuda"] = _cuda_layer_extras(problems.values(), reps, min_time_ms / 1e3, warmup, seed)

@@ -135,8 +135,8 @@ def _run_ablation(out, runs_root, permutations, seeds, coupling, steps, time_lim
     (out / "ablation.md").write_text(ablation_markdown(result))
     try:
         ablation_plot(result, out / "ablation.png")
-    except ImportError as e:  # pragma: no cover - matplotlib is a dependency
-        log(f"no plot: {e}", file=sys.stderr)
+    except ImportError as e:  # matplotlib comes with the [train] extra; the tables need none
+        log(f"no plot ({e}): the plot needs matplotlib", file=sys.stderr)
     return result
 
 

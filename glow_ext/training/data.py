@@ -9,8 +9,9 @@ and its bits/dim is (-log p(x) + D·log n_bins) / (D·ln 2), D = C·H·W (`Glow.
 
 Sources:
   digits   scikit-learn's `load_digits` (8x8 grey, 17 levels 0..16), split 1500 train / 297 test by
-           `numpy.random.default_rng(0).permutation(1797)` — the split of the baselines in
-           glow-facts.md (per-pixel histogram 2.42 bpd). Embedded: needs no download.
+           `numpy.random.default_rng(0).permutation(1797)`. On its test split a per-pixel
+           histogram of the training split scores 2.42 bpd, a full-covariance Gaussian 2.94 and the
+           uniform distribution 4.09. Embedded: needs no download.
   cifar10  the standard python-pickle batches (data_batch_1..5, test_batch) in --data-dir or in
            its `cifar-10-batches-py` folder. Loading never runs code from the files: each batch's
            MD5 must match the published one (opt out with trust_data_files for custom batches), and
@@ -230,8 +231,8 @@ def load_digits_splits() -> DataSplits:
     """scikit-learn digits: 1797 8x8 grey images with 17 levels; 1500 train / 297 test."""
     try:
         from sklearn.datasets import load_digits
-    except ImportError as e:  # pragma: no cover - a dependency
-        raise DataError("the digits dataset needs scikit-learn (pip install scikit-learn)") from e
+    except ImportError as e:
+        raise DataError('the digits dataset needs scikit-learn: pip install "glow_ext[train]"') from e
     digits = load_digits()
     images = np.asarray(digits.images)
     if images.shape != (DIGITS_N, 8, 8):
