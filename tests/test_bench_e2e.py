@@ -59,6 +59,7 @@ class _Silent:
         pass
 
 
+@pytest.mark.compile
 def test_quick_run_reports_every_method(tmp_path):
     torch._dynamo.reset()
     body = e2e.run_e2e("cpu", e2e.QUICK_CONFIGS, (2, 1.0, 1), seed=0, progress=_Silent())

@@ -122,6 +122,7 @@ def _bench(args, timeout=300):
                           capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.compile
 def test_quick_mode_writes_sane_results(tmp_path):
     result = _bench(["--quick", "--out", str(tmp_path)])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
