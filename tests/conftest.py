@@ -28,6 +28,8 @@ def pytest_configure(config):
     # Registered in pyproject.toml too; repeated here so the suite also runs from a bare checkout.
     config.addinivalue_line("markers", "cuda: needs a CUDA device")
     config.addinivalue_line("markers", "slow: builds the extension from scratch")
+    config.addinivalue_line("markers", "compile: runs torch.compile (cold compiles take minutes)")
+    config.addinivalue_line("markers", "bigmem: allocates more than ~4 GiB")
 
 
 @pytest.fixture(autouse=True)

@@ -59,6 +59,7 @@ class _Silent:
         pass
 
 
+@pytest.mark.compile
 def test_quick_run_reports_every_method(tmp_path):
     torch._dynamo.reset()
     body = e2e.run_e2e("cpu", e2e.QUICK_CONFIGS, (2, 1.0, 1), seed=0, progress=_Silent())
@@ -86,6 +87,30 @@ def test_quick_run_reports_every_method(tmp_path):
         assert f"| K=2 L=3 width 16 batch 4 | {label} |" in lines
     assert "Convolutions alone" in lines
     assert report.part_digest("e2e", full).startswith("e2e: cifar10 K2 w16 b4: train img/s ours")
+    try:
+        path = report.plot_e2e(full, tmp_path / "e2e.png")
+    except ImportError:
+        pytest.skip("matplotlib is not installed")
+    assert path.read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_eager_only_run_leaves_the_compiled_method_out(tmp_path):
+    """compile_backend None (`glow-ext bench --e2e-compile none`): no torch.compile, no ours_compiled
+    row, and the report renders without it."""
+    config = dict(e2e.QUICK_CONFIGS[0], compile_backend=None)
+    body = e2e.run_e2e("cpu", [config], (2, 1.0, 1), seed=0, progress=_Silent())
+    (c,) = body["configs"]
+    assert c["compile_s"] is None and "compiled_loss" not in c["checks"]
+    assert set(c["train_step"]) == set(e2e.TRAIN_METHODS) - {"ours_compiled"}
+    assert set(c["sample"]) == set(e2e.SAMPLE_METHODS)
+
+    full = {"device": "cpu", "date": "2026-12-01T00:00:00+00:00", "config": {"quick": True},
+            "machine": {"cpu_model": "Test CPU", "torch_num_threads": 2}, **body}
+    lines = "\n".join(report.e2e_markdown(full, ""))
+    assert f"| {e2e.METHOD_LABELS['ours_compiled']} | — | — | — | — |" in lines
+    assert "Compile time" not in lines
+    digest = report.part_digest("e2e", full)
+    assert "ours_compiled" not in digest and "naive" in digest
     try:
         path = report.plot_e2e(full, tmp_path / "e2e.png")
     except ImportError:

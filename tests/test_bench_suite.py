@@ -1,6 +1,7 @@
 """The benchmark suite (`glow-ext bench`, glow_ext.bench.suite / report): its --quick mode end to
 end, the slope fit, the level shapes, that its agreement checks catch a wrong method, and the README
 section it owns."""
+import argparse
 import json
 import math
 import os
@@ -122,6 +123,7 @@ def _bench(args, timeout=300):
                           capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.compile
 def test_quick_mode_writes_sane_results(tmp_path):
     result = _bench(["--quick", "--out", str(tmp_path)])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -236,3 +238,22 @@ def test_bench_is_a_command():
     from glow_ext.__main__ import COMMANDS
 
     assert "bench" in [name for name, *_ in COMMANDS]
+
+
+def test_e2e_size_and_compile_options_replace_the_configs():
+    parser = argparse.ArgumentParser()
+    bench_suite.add_arguments(parser)
+    args = parser.parse_args(["--parts", "e2e", "--e2e-size", "8,3,128,16", "--e2e-compile", "none"])
+    (config,) = bench_suite.e2e_configs(bench_suite.E2E_CONFIGS["cuda"], args.e2e_size, args.e2e_compile)
+    assert (config["K"], config["L"], config["hidden"], config["batch"]) == (8, 3, 128, 16)
+    assert config["compile_backend"] is None and config["name"] == "cifar10 K8 L3 w128 b16"
+    configs = bench_suite.e2e_configs(bench_suite.QUICK_E2E_CONFIGS, None, "inductor")
+    assert [c["compile_backend"] for c in configs] == ["inductor"] and configs[0]["K"] == 2
+    assert bench_suite.e2e_configs(bench_suite.QUICK_E2E_CONFIGS) == bench_suite.QUICK_E2E_CONFIGS
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--e2e-size", "8,3,128"])
+
+
+def test_custom_e2e_runs_need_their_own_out_folder():
+    result = _bench(["--parts", "e2e", "--e2e-compile", "none"])
+    assert result.returncode == 2 and "need an --out of their own" in result.stderr

@@ -498,6 +498,7 @@ def test_permutation_follows_state_changes(device):
 
 
 @pytest.mark.skipif(not CUDA_AVAILABLE, reason="needs a CUDA device")
+@pytest.mark.cuda
 def test_no_host_sync_per_call_on_cuda():
     """After the first call, ActNorm and the LU layers run without synchronising with the host."""
     c = 6

@@ -336,6 +336,7 @@ def test_fake_kernels_on_meta_tensors():
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.compile
 def test_torch_compile_fullgraph_of_the_layer_matches_eager(device):
     torch.manual_seed(3)
     layer = AffineCoupling(6, hidden_channels=16).to(device)

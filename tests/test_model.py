@@ -544,6 +544,7 @@ def test_bad_arguments_raise_clear_errors():
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.compile
 def test_flow_step_compiles_fullgraph(device):
     """torch.compile(fullgraph=True) of one FlowStep (fused ActNorm+LU conv, affine coupling): no graph
     break, and forward, logdet and every gradient equal eager. ActNorm is initialised eagerly first."""
@@ -580,6 +581,7 @@ def test_couplings_accept_images_with_no_pixels(coupling):
         assert layer.reverse(y).shape == x.shape
 
 
+@pytest.mark.compile
 def test_whole_glow_compiled_agrees_with_eager():
     """CompiledAfterInit: the first call initialises ActNorm eagerly, the later ones run the whole
     Glow forward + loss under torch.compile(fullgraph=True) (a graph break would raise) with the

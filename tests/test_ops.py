@@ -690,6 +690,7 @@ def test_cpu_backward_is_deterministic():
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.compile
 def test_torch_compile_fullgraph_matches_eager(device):
     x, params = _setup((2, 12, 5, 5), torch.float32, device)
 
@@ -730,6 +731,7 @@ def test_fake_kernels_on_meta_tensors_beyond_int32_indexing():
 
 @requires_cuda
 @pytest.mark.cuda
+@pytest.mark.bigmem
 def test_cuda_beyond_int32_indexing():
     """A real > 2^31-element input on the GPU: the last image must be right (64-bit indices)."""
     C = 4

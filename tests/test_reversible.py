@@ -248,6 +248,7 @@ def test_double_backward_raises_a_clear_error():
         torch.autograd.grad(reversible.log_prob(x).sum(), x, create_graph=True)
 
 
+@pytest.mark.compile
 def test_torch_compile_graph_breaks_and_keeps_the_gradients():
     standard, reversible = trained_pair()
     x = rand_image((4, 3, 8, 8))

@@ -107,6 +107,7 @@ def test_reversible_run_gives_the_ordinary_losses(tmp_path):
     assert config["reversible"] is True and config["dropout"] > 0
 
 
+@pytest.mark.compile
 def test_compiled_run_gives_the_eager_losses(tmp_path, capsys):
     """--compile: the first step runs eagerly (ActNorm's init), the others through torch.compile of
     model + loss; the losses are eager's up to float32 rounding of the fused reductions. Dropout

@@ -4,7 +4,8 @@ Methods, one model per method, timed round-robin in one process (glow_ext.bench.
   ours           Glow(permutation="invconv_lu") eagerly, with the trainer's optimizer
                  (glow_ext.training.objective.adam: Adam on the fused implementation)
   ours_compiled  the same model through glow_ext.models.CompiledAfterInit (torch.compile of the
-                 whole forward + loss, fullgraph, backward through AOTAutograd)
+                 whole forward + loss, fullgraph, backward through AOTAutograd); left out of an
+                 eager-only run (`glow-ext bench --parts e2e --e2e-compile none`)
   ours_unpacked  sampling only: ours without the coupling networks' prepacked oneDNN path
   naive          Glow(permutation="invconv"): ActNorm2d + dense InvConv2d (slogdet in float64),
                  the same weights and optimizer as ours
@@ -45,6 +46,8 @@ CONFIGS = {
 # it checks that the whole step traces and agrees, not how fast compiled code runs.
 QUICK_CONFIGS = ({"name": "cifar10 K2 w16 b4", "K": 2, "L": 3, "hidden": 16, "batch": 4,
                   "compile_backend": "aot_eager"},)
+# A config's "compile_backend": torch.compile's backend for ours_compiled (default inductor), or None
+# to leave ours_compiled out (an eager-only run: no compile time at all).
 IMAGE = (3, 32, 32)
 TOL = 1e-3
 # The loss alone, one number: float32 rounding leaves ~1e-7 of it; the mapping without the
@@ -329,33 +332,37 @@ def run_config(config, device, settings, seed, progress, ceilings):
     gen = torch.Generator().manual_seed(seed)
     x = (torch.rand((config["batch"],) + IMAGE, generator=gen) - 0.5).to(device)
 
-    progress.task(f"e2e {label}: build, ActNorm init, agreement checks, compile")
+    backend = config.get("compile_backend", "inductor")
+    train_methods = tuple(m for m in TRAIN_METHODS if backend is not None or m != "ours_compiled")
+    progress.task(f"e2e {label}: build, ActNorm init, agreement checks{', compile' if backend else ''}")
     models, checks = build_models(config, device, seed, x)
     ours = models["ours"]
-    compiled = CompiledAfterInit(_Loss(ours), backend=config.get("compile_backend", "inductor"))
     checks.update(check_glow_pair(ours, models["naive"], x, seed))
-    started = time.perf_counter()
-    checks.update(check_compiled(ours, compiled, x))  # the first compiled call compiles
-    compile_s = time.perf_counter() - started
+    loss_fns = {"ours": _bpd_loss, "naive": _bpd_loss, "rosinality": _rosinality_loss}
+    compile_s = None
+    if backend is not None:
+        compiled = CompiledAfterInit(_Loss(ours), backend=backend)
+        started = time.perf_counter()
+        checks.update(check_compiled(ours, compiled, x))  # the first compiled call compiles
+        compile_s = time.perf_counter() - started
+        loss_fns["ours_compiled"] = lambda m, x: compiled(x)
 
-    loss_fns = {"ours": _bpd_loss, "ours_compiled": lambda m, x: compiled(x), "naive": _bpd_loss,
-                "rosinality": _rosinality_loss}
     model_of = {"ours": ours, "ours_compiled": ours, "naive": models["naive"], "rosinality": models["rosinality"]}
     # A small learning rate keeps the weights (and so the work) about the same through the timed steps;
     # ours and ours_compiled each have their own optimizer on the one model.
     optimizers = {m: (torch.optim.Adam(model_of[m].parameters(), lr=1e-6) if m == "rosinality"
-                      else adam(model_of[m].parameters(), lr=1e-6)) for m in TRAIN_METHODS}
-    steps = {m: _train_step(model_of[m], optimizers[m], loss_fns[m], x) for m in TRAIN_METHODS}
+                      else adam(model_of[m].parameters(), lr=1e-6)) for m in train_methods}
+    steps = {m: _train_step(model_of[m], optimizers[m], loss_fns[m], x) for m in train_methods}
     flops = {m: step_flops(model_of[m], loss_fns[m] if m != "ours_compiled" else _bpd_loss, x)
-             for m in TRAIN_METHODS}
+             for m in train_methods}
     memory = {"saved_for_backward_bytes": {
         m: reversible.saved_tensor_bytes(loss_fns[m], model_of[m], x)[1] for m in ("ours", "naive", "rosinality")}}
     if device == "cuda":
         for step in steps.values():
             step()  # optimizer state allocated before the peak is measured
-        memory["cuda_peak_step_bytes"] = {m: _cuda_peak_bytes(steps[m]) for m in TRAIN_METHODS}
+        memory["cuda_peak_step_bytes"] = {m: _cuda_peak_bytes(steps[m]) for m in train_methods}
 
-    progress.task(f"e2e {label}: training step (forward + backward + Adam), {', '.join(TRAIN_METHODS)}")
+    progress.task(f"e2e {label}: training step (forward + backward + Adam), {', '.join(train_methods)}")
     train = time_methods(steps, sync, reps, min_time_ms / 1e3, warmup, grad_mode=True)
     progress.task(f"e2e {label}: sampling {config['batch']} images at T={SAMPLE_TEMPERATURE}")
     unpacked = copy.deepcopy(ours)
@@ -378,13 +385,13 @@ def run_config(config, device, settings, seed, progress, ceilings):
             convolutions[kind]["bound_vs_rosinality"] = (
                 timing["rosinality"]["median_ms"] / convolutions[kind]["median_ms"])
 
-    ips = {"train": {m: config["batch"] / (train[m]["median_ms"] / 1e3) for m in TRAIN_METHODS},
+    ips = {"train": {m: config["batch"] / (train[m]["median_ms"] / 1e3) for m in train_methods},
            "sample": {m: config["batch"] / (sample[m]["median_ms"] / 1e3) for m in SAMPLE_METHODS}}
-    speedup = {"train": {m: ips["train"][m] / ips["train"]["rosinality"] for m in TRAIN_METHODS},
+    speedup = {"train": {m: ips["train"][m] / ips["train"]["rosinality"] for m in train_methods},
                "sample": {m: ips["sample"][m] / ips["sample"]["rosinality"] for m in SAMPLE_METHODS}}
     roofline = {m: {"gflop": flops[m] / 1e9, "floor_ms": floor_ms(flops[m], 0, ceilings),
                     "fraction": floor_ms(flops[m], 0, ceilings) / train[m]["median_ms"]}
-                for m in TRAIN_METHODS}
+                for m in train_methods}
     entry = dict(config, image=list(IMAGE), coupling="affine", loss="bits/dim", compile_s=compile_s,
                  parameters={m: sum(p.numel() for p in models[m].parameters()) for m in models},
                  checks=checks, train_step=train, sample=sample, images_per_s=ips,
@@ -492,8 +499,10 @@ def markdown(report, prefix, machine, when):
     if bounds:
         lines += ["Convolutions alone (self time of the convolution kernels inside ours' eager step and "
                   "sampling call, profiled, medians): " + "; ".join(bounds) + ".", ""]
-    lines.append("Compile time of the whole step (first compiled call): " + "; ".join(
-        f"{_config_label(c)} {c['compile_s']:.0f} s" for c in report["configs"]) + ".")
+    compiled = [c for c in report["configs"] if c["compile_s"] is not None]
+    if compiled:
+        lines.append("Compile time of the whole step (first compiled call): " + "; ".join(
+            f"{_config_label(c)} {c['compile_s']:.0f} s" for c in compiled) + ".")
     if cuda:
         for c in report["configs"]:
             sync = c["host_sync_free"]
@@ -517,7 +526,8 @@ def _convolution_bound(c):
 def digest(report):
     return [f"{c['name']}: train img/s " + ", ".join(
                 f"{m} {c['images_per_s']['train'][m]:.1f} ({c['speedup_vs_rosinality']['train'][m]:.2f}x, "
-                f"roofline {100 * c['roofline'][m]['fraction']:.0f}%)" for m in TRAIN_METHODS)
+                f"roofline {100 * c['roofline'][m]['fraction']:.0f}%)" for m in TRAIN_METHODS
+                if m in c["train_step"])
             + "; sampling vs rosinality " + ", ".join(
                 f"{m} {c['speedup_vs_rosinality']['sample'][m]:.2f}x" for m in SAMPLE_METHODS)
             for c in report["configs"]]
@@ -528,8 +538,9 @@ def plot(report, path, pyplot):
     plt = pyplot()
     configs = report["configs"]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), dpi=110)
-    for ax, kind, timing, methods in ((axes[0], "train", "train_step", TRAIN_METHODS),
-                                      (axes[1], "sample", "sample", SAMPLE_METHODS)):
+    for ax, kind, timing, all_methods in ((axes[0], "train", "train_step", TRAIN_METHODS),
+                                          (axes[1], "sample", "sample", SAMPLE_METHODS)):
+        methods = [m for m in all_methods if all(m in c[timing] for c in configs)]
         width = 0.8 / len(methods)
         for j, m in enumerate(methods):
             xs = [i + (j - (len(methods) - 1) / 2) * width for i in range(len(configs))]

@@ -190,6 +190,29 @@ def plan(device, quick):
     }
 
 
+def e2e_configs(configs, size=None, compile_backend=None):
+    """The e2e configs of a run: one Glow of size (K, L, width, batch) instead of configs when given;
+    compile_backend ("inductor", "aot_eager" or "none": no compiled variant) set on each when given."""
+    if size is not None:
+        K, L, hidden, batch = size
+        configs = ({"name": f"cifar10 K{K} L{L} w{hidden} b{batch}", "K": K, "L": L, "hidden": hidden,
+                    "batch": batch},)
+    if compile_backend is not None:
+        backend = None if compile_backend == "none" else compile_backend
+        configs = tuple(dict(c, compile_backend=backend) for c in configs)
+    return configs
+
+
+def parse_e2e_size(text):
+    try:
+        size = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        size = ()
+    if len(size) != 4 or min(size) <= 0:
+        raise argparse.ArgumentTypeError(f"an e2e Glow is K,L,WIDTH,BATCH with positive integers, got {text!r}")
+    return size
+
+
 def count_tasks(p, parts):
     total = 0
     if "logdet" in parts:
@@ -249,6 +272,10 @@ def run(args, stream=sys.stdout):
     readme = Path(args.readme) if args.readme else bench_report.default_readme()
     if args.update_readme and args.quick:
         raise BenchError("--update-readme takes full results only, not --quick ones")
+    custom_e2e = args.e2e_size is not None or args.e2e_compile is not None
+    if custom_e2e and args.out is None:
+        raise BenchError("--e2e-size and --e2e-compile need an --out of their own, away from the "
+                         "committed results")
     if args.render_only:
         reports, files = bench_report.render(out_dir, device, readme if args.update_readme else None)
         print(f"rendered {', '.join(reports)} from {out_dir}: {', '.join(map(str, files))}", file=stream)
@@ -269,6 +296,7 @@ def run(args, stream=sys.stdout):
               "bimodal between runs (scripts/main.sh sets them)", file=stream)
 
     p = plan(device, args.quick)
+    p["e2e"] = e2e_configs(p["e2e"], args.e2e_size, args.e2e_compile)
     progress = Progress(count_tasks(p, parts), stream)
     print(f"glow-ext bench: device={device}{' (quick)' if args.quick else ''}, parts {', '.join(parts)}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, output {out_dir}", file=stream)
@@ -309,6 +337,11 @@ def add_arguments(parser, default_out_dir=None):
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=None,
                         help="run only these parts (default: all; the summary still shows the "
                              "others from their JSON files in --out)")
+    parser.add_argument("--e2e-size", type=parse_e2e_size, default=None, metavar="K,L,WIDTH,BATCH",
+                        help="e2e: time this one Glow (3x32x32 images) instead of the device's configs")
+    parser.add_argument("--e2e-compile", choices=("inductor", "aot_eager", "none"), default=None,
+                        help="e2e: torch.compile backend of the compiled variant, or none to time "
+                             "eager methods only (default: inductor, aot_eager with --quick)")
     bench_report.add_readme_arguments(parser, "<device>", "redraw the plots and SUMMARY-<device>.md")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads first")
     parser.add_argument("--seed", type=int, default=0, help="seed of every parameter and input")
