@@ -5,7 +5,7 @@ it); this module registers their fake (meta) kernels and autograd formulas. With
 every function falls back, with a warning, to `glow_ext.reference`; `glow_ext._loader` finds
 the module (or says why there is none).
 
-Conventions (see README): x is (N, C, H, W); bias, logs, log_s, sign_s are (C,); perm is (C,) int64
+Conventions (see docs/design.md): x is (N, C, H, W); bias, logs, log_s, sign_s are (C,); perm is (C,) int64
 with P[i, j] = 1 iff j == perm[i]; only the strict lower part of `lower` and the strict upper part
 of `upper` are read. W = P·(I + strict_lower(lower))·(strict_upper(upper) + diag(sign_s·exp(log_s))).
 Parameters share one dtype, equal to x's (float32 parameters also serve float16/bfloat16 x on CUDA).
