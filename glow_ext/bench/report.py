@@ -29,17 +29,18 @@ METHOD_LABELS = {
 
 
 def default_readme():
-    return Path(__file__).resolve().parents[2] / "README.md"
+    """The page whose marked sections the benchmarks regenerate: the checkout's docs/performance.md."""
+    return Path(__file__).resolve().parents[2] / "docs" / "performance.md"
 
 
 def add_readme_arguments(parser, section, rendered):
-    """--update-readme, --readme and --render-only of a benchmark that fills the README's
+    """--update-readme, --readme and --render-only of a benchmark that fills the results page's
     <!-- bench:{section}:begin/end --> section and, with --render-only, `rendered` from --out."""
     parser.add_argument("--update-readme", action="store_true",
-                        help=f"replace the README's section between <!-- bench:{section}:begin --> and "
+                        help=f"replace the results page's section between <!-- bench:{section}:begin --> and "
                              f"<!-- bench:{section}:end --> with the results (full results only)")
     parser.add_argument("--readme", type=Path, default=None,
-                        help="README to update (default: the checkout's README.md)")
+                        help="page to update (default: the checkout's docs/performance.md)")
     parser.add_argument("--render-only", action="store_true",
                         help=f"time nothing: {rendered} from the JSON in --out (and the README section "
                              "with --update-readme)")

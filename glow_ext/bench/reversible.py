@@ -248,10 +248,11 @@ def run(args):
     print(markdown(result))
     print(f"wrote {out / name}{written}")
     if args.update_readme:
-        from .report import update_readme
+        from .report import default_readme, update_readme
 
-        update_readme(args.readme, name, markdown(result))
-        print(f"updated the {name} section of {args.readme}")
+        page = args.readme or default_readme()
+        update_readme(page, name, markdown(result))
+        print(f"updated the {name} section of {page}")
     return result
 
 
@@ -322,8 +323,9 @@ def add_arguments(parser, default_out="benchmarks/results"):
     parser.add_argument("--reps", type=int, help=f"timed steps (default {FULL['reps']})")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--update-readme", action="store_true",
-                        help="replace the README's <!-- bench:reversible-<device>:begin/end --> section")
-    parser.add_argument("--readme", default="README.md", help=argparse.SUPPRESS)
+                        help="replace the <!-- bench:reversible-<device>:begin/end --> section of "
+                             "docs/performance.md")
+    parser.add_argument("--readme", default=None, help=argparse.SUPPRESS)
 
 
 def main(argv=None):
