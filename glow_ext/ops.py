@@ -229,7 +229,7 @@ if _C is not None:
     # glow_ext.ops' eager training path. The registrations above are what torch.ops callers,
     # opcheck and torch.compile use; in eager mode their Python wrapper (a redispatch through
     # Python per op call, schema defaults filled in per call) cost 55-112 µs more per forward +
-    # backward than these Functions (2 threads, 1x4x2x2 ... 4x192x8x8, 2026-12-01): 15-20% of a
+    # backward than these Functions (2 threads, 1x4x2x2 ... 4x192x8x8): 15-20% of a
     # small Glow level's training step. Same ops, same saved tensors, same backward.
     class _FusedActNormInvConvLU(torch.autograd.Function):
         @staticmethod

@@ -21,18 +21,17 @@ namespace glow_ext {
 namespace {
 
 constexpr int64_t kDirectMaxChannels = 512;  // beat at::baddbmm at every C measured (up to 256)
-// Up to these C the loops (float64 accumulation) beat the generic ATen versions (2 threads,
-// 2026-12-01, fastest of 2 x 300 calls): forward op 1.1-1.5x and backward op 1.1-1.3x at
-// C = 48 ... 256, 0.98x at C = 512 (fold and chain); the inverse map's register-blocked loops
-// 1.2-1.6x the float64 solves at C = 320 ... 1024 (inverse op, fastest of 2 x 100 calls).
+// Up to these C the loops (float64 accumulation) beat the generic ATen versions on 2 threads:
+// forward op 1.1-1.5x and backward op 1.1-1.3x at C = 48 ... 256, 0.98x at C = 512 (fold and
+// chain); the inverse map's register-blocked loops 1.2-1.6x the float64 solves at C = 320 ... 1024.
 constexpr int64_t kInverseFoldMaxChannels = 1024;
 constexpr int64_t kChainMaxChannels = 256;
 constexpr int kChainRows = 4;    // rows of a triangular product computed per pass over its columns
 constexpr int kChainLanes = 2;   // SIMD registers of columns per row in that pass
 constexpr int64_t kChainParallelChannels = 64;  // below it one thread: a fork costs more
 // Past this C the one-sweep backward's register-blocked weight gradient loses to the channel mix
-// plus MKL's batched GEMM (one thread, backward op, 2026-12-01: at C = 48 the sweep took 1.2-1.9x
-// as long, 64x48x4x4 and 4x48x32x32; at C = 12 and 24 it is 0.9-1.0x, 32x24x16x16, 4x24x64x64).
+// plus MKL's batched GEMM (one thread, backward op: at C = 48 the sweep took 1.2-1.9x as long,
+// 64x48x4x4 and 4x48x32x32; at C = 12 and 24 it is 0.9-1.0x, 32x24x16x16, 4x24x64x64).
 constexpr int64_t kMixOuterMaxChannels = 32;
 constexpr int kRows = 8;              // output channels computed per pass over an input tile
 constexpr int64_t kTileBytes = 128;   // pixels per task and image row: two AVX-512 registers
@@ -222,7 +221,7 @@ GLOW_HD void outer_sums(const OuterArgs<scalar_t>& a, int64_t begin, int64_t end
 
 // The C x C products below accumulate in float64 whatever the parameters' dtype: a float32 sum of
 // C products in sequence had 1.8-4x the error of plain PyTorch's fold at C = 192-1024
-// (benchmarks/accuracy_fused_op.py), twice issue 9's bound.
+// (benchmarks/accuracy_fused_op.py), above the 2x that the accuracy benchmark allows.
 //
 // The chain rule's two triangular products have one shape: out[k][c] = alpha[k]·b[k][c] +
 // Σ_{m>k} T(k, m)·b[m][c] for the columns c >= k, T strictly upper triangular and read through
