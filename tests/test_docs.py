@@ -30,7 +30,6 @@ HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*#*\s*$")
 # Wording that belongs to the project's own bookkeeping, not to a user's documentation.
 # "target" is fine as in "build target" or "target file"; it is flagged when it reads as a goal
 # the project set itself ("targets: ...", "target >= 2", "the target is missed").
-INLINE_CODE = re.compile(r"`[^`]*`")
 INTERNAL_WORDING = [
     (re.compile(r"\bissues? #?\d+", re.IGNORECASE), "an internal issue number"),
     (re.compile(r"\btargets?\b(?!\s+(?:file|folder|directory|path|platform|architecture|device|"
