@@ -342,7 +342,7 @@ _BAD_PERM_SCRIPT = textwrap.dedent("""
     (64, "perm[1] = perm[0]", "repeats an entry"),
     (65, "perm[1] = -1", "out of range"),       # the generic fold (index_select)
     (300, "perm[1] = perm[0]", "repeats an entry"),
-])
+], ids=["C12-too-large", "C64-repeated", "C65-negative", "C300-repeated"])
 def test_cuda_bad_permutation_stops_with_a_device_assert(C, corrupt, message):
     """A device-side assert leaves the CUDA context unusable, so each case runs in its own process
     (a few seconds each: a CUDA context per case)."""

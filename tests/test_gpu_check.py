@@ -109,7 +109,7 @@ def test_dry_run_writes_what_the_gpu_run_would_and_it_fits(tmp_path):
     assert {f"logs/{step}.log" for step in STEPS} <= set(members)
     assert {"summary.txt", "results/ops-cuda.json", "results/e2e/e2e-cuda.json", "results/tests-junit.xml",
             "results/suite/layers-cuda.json", "results/reversible/reversible-cuda.json"} <= set(members)
-    selected = re.findall(r"^(tests/\S+)$", tarball_text(tmp_path, "logs/tests.log"), re.M)
+    selected = re.findall(r"^(tests/\S+\.py::.*)$", tarball_text(tmp_path, "logs/tests.log"), re.M)
     assert len(selected) == counts["tests"]
     assert any(t.startswith("tests/test_ops.py::test_forward_matches_reference_and_dense_float64[")
                for t in selected)
