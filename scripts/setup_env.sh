@@ -11,7 +11,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 echo "== installing torch and the build/test tools (torch is a large download the first time)"
 .venv/bin/python -m pip install -q --disable-pip-version-check \
-  "torch>=2.4" numpy pytest pytest-benchmark expecttest pybind11 setuptools wheel ninja scikit-learn pillow matplotlib hypothesis
+  "torch>=2.4" numpy pytest pytest-benchmark expecttest setuptools wheel ninja scikit-learn pillow matplotlib hypothesis
 echo "== building glow_ext (setup.py prints a build summary)"
 .venv/bin/python -m pip install -q --disable-pip-version-check --no-build-isolation -e . \
   || { echo "glow_ext build failed: see the compiler output above" >&2; exit 1; }
