@@ -6,10 +6,11 @@ a module built for another torch is recognised before it is loaded.
 One build serves every CPython version: Python reaches the kernels only through torch.ops.glow_ext
 (TORCH_LIBRARY), never pybind11, and the module itself (csrc/python_module.cpp) uses the limited API
 only. setup.py builds it with torch's `py_limited_api=True` (`_C.abi3.so`, in a `cp39-abi3` wheel).
-That flag needs no fallback for the torch versions glow_ext supports: torch 2.4 and 2.5 pass it to
-setuptools (the abi3 file name) but still link libtorch_python, which setup.py drops; torch >= 2.6
-does not link it, and torch >= 2.7 also defines Py_LIMITED_API, which python_module.cpp defines
-itself for older torch and for the just-in-time build (torch.utils.cpp_extension.load has no such flag).
+torch implements that flag fully from 2.7 on; for torch 2.4 to 2.6 glow_ext fills in the rest and
+builds the same way. torch >= 2.4 passes the flag to setuptools (the abi3 file name); torch < 2.6
+still links libtorch_python, which setup.py drops; torch < 2.7 does not define Py_LIMITED_API, which
+python_module.cpp then defines itself, as it does for the just-in-time build
+(torch.utils.cpp_extension.load has no such flag).
 
 It imports nothing from glow_ext and takes torch as an argument, so setup.py can load it by path
 before glow_ext is importable.
@@ -19,7 +20,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -225,9 +225,10 @@ def mismatch(metadata: dict, module_path, torch):
     """None if the module at module_path, with this metadata, can be loaded into the running torch,
     else why not: another torch release, flavour or local build, or another module than described."""
     built_file, file_name = metadata.get("module_file"), Path(module_path).name
+    if built_file is None:
+        return f"{metadata_path(module_path).name} was written by an older glow_ext, for another module"
     if built_file != file_name:
-        described = f"describes {built_file}" if built_file else "comes from an older glow_ext"
-        return f"{metadata_path(module_path).name} {described}, not {file_name}"
+        return f"{metadata_path(module_path).name} describes {built_file}, not {file_name}"
     built = (metadata.get("torch_version"), metadata.get("torch_flavour"))
     running = (torch.__version__, torch_flavour(torch))
     if (torch_build(built[0] or ""), built[1]) != (torch_build(running[0]), running[1]):
