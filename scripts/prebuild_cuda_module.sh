@@ -43,6 +43,11 @@ rm -rf "$OUT_DIR"
 # The build's temporary files go under build/, apart from the checkout's own in-place build.
 GLOW_EXT_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-$(nproc)} \
   "$VENV/bin/python" setup.py build_ext --build-lib "$OUT_DIR" --build-temp build/prebuild-cuda
+# Less to carry to the GPU machine: the host code's debug info (Debian's Python compiles with -g) is
+# most of the file; the kernels' -lineinfo lives in the CUDA fat binary and stays.
+if command -v strip >/dev/null; then
+  strip --strip-debug "$OUT_DIR/glow_ext/_C.abi3.so"
+fi
 
 echo "== loading it into $VENV's torch on the CPU"
 CHECK_DIR=$(mktemp -d)
