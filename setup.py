@@ -1,7 +1,9 @@
 """Build of glow_ext's C++/CUDA kernels, against the torch already installed.
 
 CUDA kernels are compiled iff torch is a CUDA build and nvcc is found (no GPU is needed); otherwise
-the extension is CPU-only. The recipe (sources, flags, checks) is glow_ext/_build.py, shared with the
+the extension is CPU-only. The module (`glow_ext/_C.abi3.so`) uses CPython's limited API only, so
+the wheel is tagged cp39-abi3: one build for every Python version, tied only to the torch it was
+built against. The recipe (sources, flags, checks) is glow_ext/_build.py, shared with the
 just-in-time build. Environment knobs:
 
   GLOW_EXT_CUDA=0|1       force the CPU-only build, or fail unless CUDA kernels can be built
@@ -106,9 +108,12 @@ def main():
     flags = recipe.compile_flags(torch, with_cuda, archs, openmp)
     sources = [str(p.relative_to(ROOT)) for p in recipe.kernel_sources(ROOT / "csrc", with_cuda)]
     metadata = recipe.build_metadata(torch, with_cuda, archs, openmp)
+    # The limited API (`_C.abi3.so`): one module for every CPython version (glow_ext/_build.py).
     extension = (cpp_extension.CUDAExtension if with_cuda else cpp_extension.CppExtension)(
-        name="glow_ext._C", sources=sources,
+        name="glow_ext._C", sources=sources, py_limited_api=True,
         extra_compile_args={"cxx": flags["cxx"], "nvcc": flags["nvcc"]}, extra_link_args=flags["ld"])
+    # torch < 2.6 links its Python bindings even so; the module uses none of them.
+    extension.libraries = [library for library in extension.libraries if library != "torch_python"]
 
     print("=" * 72)
     print("glow_ext build summary")
@@ -132,7 +137,9 @@ def main():
             super().run()  # builds into build_lib, then copies to the source tree when in place
             was_inplace = self.inplace
             for self.inplace in sorted({False, bool(was_inplace)}):  # the built module, then its copy
-                recipe.write_metadata(self.get_ext_fullpath(extension.name), metadata)
+                module_path = self.get_ext_fullpath(extension.name)
+                recipe.write_metadata(module_path, metadata)
+                recipe.remove_other_modules(module_path)
             self.inplace = was_inplace
 
     class BuildPy(build_py):
@@ -145,7 +152,8 @@ def main():
                                 ignore=shutil.ignore_patterns("*.o", "__pycache__"))
 
     setup(ext_modules=[extension],
-          cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True), "build_py": BuildPy})
+          cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True), "build_py": BuildPy},
+          options={"bdist_wheel": {"py_limited_api": recipe.LIMITED_API_TAG}})
 
 
 main()

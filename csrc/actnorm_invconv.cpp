@@ -256,7 +256,8 @@ void mix_outer(const Backend& backend, const at::Tensor& src, const at::Tensor& 
   const auto g3 = (outer_of_out ? out : src).view({N, C, HW}).to(acc);
   const auto x3 = x.view({N, C, HW}).to(acc);
   grad_folded = N == 1 ? at::mm(g3[0], x3[0].t()) : at::bmm(g3, x3.transpose(1, 2)).sum(0);
-  grad_offset = g3.sum({0, 2});
+  // Spelled out: a bare {0, 2} also matches DimnameList's (pointer, length) constructor in older torch.
+  grad_offset = g3.sum(at::IntArrayRef{0, 2});
 }
 
 // The map a training op returned for its backward (its `folded` output), checked; undefined when

@@ -1,10 +1,11 @@
-// Op schemas (declared once, implemented per backend) and the Python extension module.
-#include <pybind11/pybind11.h>
+// Op schemas (declared once, implemented per backend), and the helper ops that say how the library
+// was built. Python reaches all of them through torch.ops.glow_ext only (csrc/python_module.cpp
+// merely makes the library importable), so the built module does not depend on the Python version.
+#include <ATen/ATen.h>
 #include <torch/library.h>
 
-#include <torch/extension.h>
-
 #include <cmath>
+#include <string>
 #include <vector>
 
 #include "actnorm_invconv.h"
@@ -17,6 +18,61 @@
 #ifndef GLOW_EXT_TORCH_VERSION
 #define GLOW_EXT_TORCH_VERSION "unknown"
 #endif
+
+namespace {
+
+std::string json_string(const std::string& text) {
+  std::string quoted = "\"";
+  for (char c : text) {
+    if (c == '"' || c == '\\') quoted += '\\';
+    quoted += c;
+  }
+  return quoted + "\"";
+}
+
+// A JSON object: cpu_kernels, cpu_isa, cuda_kernels, cuda_archs, torch_version (the torch compiled against).
+std::string build_info() {
+#ifdef GLOW_EXT_WITH_CUDA
+  const bool cuda_kernels = true;
+#else
+  const bool cuda_kernels = false;
+#endif
+  return std::string("{\"cpu_kernels\": true, \"cpu_isa\": ") + json_string(glow_ext::cpu_kernel_isa()) +
+         ", \"cuda_kernels\": " + (cuda_kernels ? "true" : "false") +
+         ", \"cuda_archs\": " + json_string(GLOW_EXT_CUDA_ARCHS) +
+         ", \"torch_version\": " + json_string(GLOW_EXT_TORCH_VERSION) + "}";
+}
+
+// use_factored_path(C, pixels) is C > this and pixels < C; the fake kernels in glow_ext.ops mirror it.
+int64_t factored_path_channels() { return glow_ext::kTrmmBlock; }
+
+// W = P·L·U' entry by entry with CUDA's small-C fold formula (glow_ext_math.h), on the host: the CPU
+// folds with its own loops, so this is how the CPU tests reach the formula.
+at::Tensor lu_weight_entries(const at::Tensor& perm, const at::Tensor& lower, const at::Tensor& upper,
+                             const at::Tensor& log_s, const at::Tensor& sign_s) {
+  const int64_t C = lower.size(0);
+  for (const at::Tensor* t : {&lower, &upper, &log_s, &sign_s}) {
+    TORCH_CHECK(t->scalar_type() == at::kDouble, "_lu_weight_entries: float64 tensors");
+  }
+  TORCH_CHECK(perm.scalar_type() == at::kLong && perm.numel() == C && lower.sizes() == upper.sizes() &&
+                  lower.dim() == 2 && lower.size(1) == C && log_s.numel() == C && sign_s.numel() == C,
+              "_lu_weight_entries: perm (C,) int64, lower and upper (C, C), log_s and sign_s (C,)");
+  const auto p = perm.contiguous(), lo = lower.contiguous(), up = upper.contiguous();
+  const auto ls = log_s.contiguous(), ss = sign_s.contiguous();
+  std::vector<double> diag(C);
+  for (int64_t j = 0; j < C; ++j) diag[j] = ss.const_data_ptr<double>()[j] * std::exp(ls.const_data_ptr<double>()[j]);
+  auto w = at::empty({C, C}, lower.options());
+  for (int64_t i = 0; i < C; ++i) {
+    for (int64_t j = 0; j < C; ++j) {
+      w.mutable_data_ptr<double>()[i * C + j] = glow_ext::math::lu_weight_entry<double>(
+          lo.const_data_ptr<double>(), up.const_data_ptr<double>(), diag.data(),
+          p.const_data_ptr<int64_t>(), C, i, j);
+    }
+  }
+  return w;
+}
+
+}  // namespace
 
 TORCH_LIBRARY(glow_ext, m) {
   m.def(
@@ -70,49 +126,11 @@ TORCH_LIBRARY(glow_ext, m) {
       "Tensor? terms_dot, Tensor grad_logdet_hw, Tensor bias, Tensor logs, Tensor perm, "
       "Tensor lower, Tensor upper, Tensor log_s, Tensor sign_s) -> "
       "(Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Helpers of glow_ext.build_info, the fake kernels and the tests. The first two take no tensor,
+  // so their kernels are registered for every dispatch key (catch-all).
+  m.def("_build_info() -> str", &build_info);
+  m.def("_factored_path_channels() -> int", &factored_path_channels);
+  m.def("_lu_weight_entries(Tensor perm, Tensor lower, Tensor upper, Tensor log_s, Tensor sign_s) -> Tensor");
 }
 
-// TORCH_EXTENSION_NAME: _C when built by setup.py, another name for the just-in-time build.
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "glow_ext compiled kernels; the ops themselves live in torch.ops.glow_ext";
-  // use_factored_path(C, pixels) is C > this and pixels < C; the fake kernels mirror it.
-  m.attr("factored_path_channels") = glow_ext::kTrmmBlock;
-  m.def("build_info", [] {
-    pybind11::dict info;
-    info["cpu_kernels"] = true;
-    info["cpu_isa"] = glow_ext::cpu_kernel_isa();
-#ifdef GLOW_EXT_WITH_CUDA
-    info["cuda_kernels"] = true;
-#else
-    info["cuda_kernels"] = false;
-#endif
-    info["cuda_archs"] = GLOW_EXT_CUDA_ARCHS;
-    info["torch_version"] = GLOW_EXT_TORCH_VERSION;
-    return info;
-  }, "How the extension was built: kernels compiled, CUDA architectures, torch it was built against.");
-  // The CPU folds with its own loops, so the CPU tests reach CUDA's per-entry fold formula here.
-  m.def("lu_weight_entries", [](const at::Tensor& perm, const at::Tensor& lower, const at::Tensor& upper,
-                                const at::Tensor& log_s, const at::Tensor& sign_s) {
-    const int64_t C = lower.size(0);
-    for (const at::Tensor* t : {&lower, &upper, &log_s, &sign_s}) {
-      TORCH_CHECK(t->is_cpu() && t->scalar_type() == at::kDouble, "lu_weight_entries: float64 CPU tensors");
-    }
-    TORCH_CHECK(perm.is_cpu() && perm.scalar_type() == at::kLong && perm.numel() == C &&
-                    lower.sizes() == upper.sizes() && lower.dim() == 2 && lower.size(1) == C &&
-                    log_s.numel() == C && sign_s.numel() == C,
-                "lu_weight_entries: perm (C,) int64, lower and upper (C, C), log_s and sign_s (C,)");
-    const auto p = perm.contiguous(), lo = lower.contiguous(), up = upper.contiguous();
-    const auto ls = log_s.contiguous(), ss = sign_s.contiguous();
-    std::vector<double> diag(C);
-    for (int64_t j = 0; j < C; ++j) diag[j] = ss.const_data_ptr<double>()[j] * std::exp(ls.const_data_ptr<double>()[j]);
-    auto w = at::empty({C, C}, lower.options());
-    for (int64_t i = 0; i < C; ++i) {
-      for (int64_t j = 0; j < C; ++j) {
-        w.mutable_data_ptr<double>()[i * C + j] = glow_ext::math::lu_weight_entry<double>(
-            lo.const_data_ptr<double>(), up.const_data_ptr<double>(), diag.data(),
-            p.const_data_ptr<int64_t>(), C, i, j);
-      }
-    }
-    return w;
-  }, "W = P·L·U' entry by entry with CUDA's small-C fold formula (glow_ext_math.h), on the host.");
-}
+TORCH_LIBRARY_IMPL(glow_ext, CPU, m) { m.impl("_lu_weight_entries", &lu_weight_entries); }

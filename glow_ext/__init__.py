@@ -5,6 +5,8 @@ The library: `ops` and `coupling_ops` (the fused ops), `reference` (the same mat
 Glow code bases). The training application (glow_ext.training) and the benchmarks
 (glow_ext.bench) are subpackages that `import glow_ext` does not load.
 """
+import json
+
 from . import coupling_ops, nn, ops, reference
 
 __version__ = "0.1.0"
@@ -19,7 +21,7 @@ def build_info() -> dict:
         return {"cpu_kernels": False, "cuda_kernels": False, "cuda_archs": "",
                 "torch_version": None, "load_error": str(ops.LOAD_ERROR),
                 "runtime_torch_version": torch.__version__}
-    info = dict(ops._C.build_info())
+    info = json.loads(torch.ops.glow_ext._build_info())
     info.update({key: ops.BUILD_METADATA[key] for key in ("torch_flavour", "openmp") if key in ops.BUILD_METADATA})
     info["module"] = ops._C.__file__
     info["runtime_torch_version"] = torch.__version__

@@ -3,6 +3,15 @@ and for the just-in-time build of `glow_ext._loader`: which torch is supported, 
 flags, CUDA or not, OpenMP or not, and the metadata file written next to the built module so that
 a module built for another torch is recognised before it is loaded.
 
+One build serves every CPython version: Python reaches the kernels only through torch.ops.glow_ext
+(TORCH_LIBRARY), never pybind11, and the module itself (csrc/python_module.cpp) uses the limited API
+only. setup.py builds it with torch's `py_limited_api=True` (`_C.abi3.so`, in a `cp39-abi3` wheel).
+torch implements that flag fully from 2.7 on; for torch 2.4 to 2.6 glow_ext fills in the rest and
+builds the same way. torch >= 2.4 passes the flag to setuptools (the abi3 file name); torch < 2.6
+still links libtorch_python, which setup.py drops; torch < 2.7 does not define Py_LIMITED_API, which
+python_module.cpp then defines itself, as it does for the just-in-time build
+(torch.utils.cpp_extension.load has no such flag).
+
 It imports nothing from glow_ext and takes torch as an argument, so setup.py can load it by path
 before glow_ext is importable.
 """
@@ -11,13 +20,14 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 # torch.library.register_fake and register_autograd, which glow_ext.ops uses, appeared in torch 2.4.
 MIN_TORCH = (2, 4)
 DEFAULT_CUDA_ARCHS = "8.0;9.0"
+# The wheel's abi3 tag: the oldest CPython the module loads into (pyproject.toml's requires-python).
+LIMITED_API_TAG = "cp39"
 OFF = ("0", "false", "no", "off")
 ON = ("1", "true", "yes", "on")
 OPENMP_PROBE = """
@@ -158,19 +168,33 @@ def cuda_archs(torch) -> str:
 
 
 def build_metadata(torch, with_cuda: bool, archs: str, openmp: list) -> dict:
-    return {"torch_version": torch.__version__, "torch_flavour": torch_flavour(torch),
-            "python": f"{sys.version_info[0]}.{sys.version_info[1]}", "cuda_kernels": with_cuda,
-            "cuda_archs": archs if with_cuda else "", "openmp": bool(openmp)}
+    """How a module is built; write_metadata adds its file name. No Python version: the module uses
+    the limited API only."""
+    return {"torch_version": torch.__version__, "torch_flavour": torch_flavour(torch), "python_abi": "abi3",
+            "cuda_kernels": with_cuda, "cuda_archs": archs if with_cuda else "", "openmp": bool(openmp)}
 
 
 def metadata_path(module_path) -> Path:
-    """The metadata file of a compiled module: `_C.cpython-311-x86_64-linux-gnu.so` → `_C.build.json`."""
+    """The metadata file of a compiled module: `_C.abi3.so` (or `_C.cpython-311-x86_64-linux-gnu.so`,
+    `glow_ext_jit.so`) → `_C.build.json`."""
     module_path = Path(module_path)
     return module_path.with_name(module_path.name.split(".")[0] + ".build.json")
 
 
 def write_metadata(module_path, metadata: dict) -> None:
+    # The file name tells a stale module of another name, which Python might import first, from the one described.
+    metadata = {**metadata, "module_file": Path(module_path).name}
     metadata_path(module_path).write_text(json.dumps(metadata, indent=1, sort_keys=True) + "\n")
+
+
+def remove_other_modules(module_path) -> None:
+    """Deletes the modules next to module_path of the same name but another file name, such as a
+    per-Python `_C.cpython-311-x86_64-linux-gnu.so` built before: Python might import it instead."""
+    module_path = Path(module_path)
+    prefix = module_path.name.split(".")[0] + "."
+    for other in module_path.parent.glob(prefix + "*"):
+        if other.suffix in (".so", ".pyd") and other.name != module_path.name:
+            other.unlink()
 
 
 def read_metadata(module_path):
@@ -185,10 +209,28 @@ def describe(version, flavour) -> str:
     return f"torch {version} ({kind})"
 
 
-def mismatch(metadata: dict, torch):
-    """None if a module with this metadata can be loaded into the running torch, else why not."""
+# Local version labels that only name torch's flavour, which torch_flavour compares anyway. The same
+# torch release from PyPI may lack one (2.11.0 vs 2.11.0+cu130 from PyTorch's own index).
+FLAVOUR_LABEL = re.compile(r"cpu|cu\d+|rocm[\d.]+|xpu")
+
+
+def torch_build(version: str) -> str:
+    """The part of torch.__version__ that a compiled module depends on besides the flavour: the version
+    without a flavour label ('2.11.0+cu130' → '2.11.0'), any other label kept ('2.6.0a0+git1234')."""
+    release, _, label = version.partition("+")
+    return release if FLAVOUR_LABEL.fullmatch(label) else version
+
+
+def mismatch(metadata: dict, module_path, torch):
+    """None if the module at module_path, with this metadata, can be loaded into the running torch,
+    else why not: another torch release, flavour or local build, or another module than described."""
+    built_file, file_name = metadata.get("module_file"), Path(module_path).name
+    if built_file is None:
+        return f"{metadata_path(module_path).name} was written by an older glow_ext, for another module"
+    if built_file != file_name:
+        return f"{metadata_path(module_path).name} describes {built_file}, not {file_name}"
     built = (metadata.get("torch_version"), metadata.get("torch_flavour"))
     running = (torch.__version__, torch_flavour(torch))
-    if built != running:
+    if (torch_build(built[0] or ""), built[1]) != (torch_build(running[0]), running[1]):
         return f"they were built for {describe(*built)} but {describe(*running)} is running"
     return None

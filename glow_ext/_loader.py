@@ -1,8 +1,10 @@
 """Finding the compiled kernels for the running torch.
 
-1. The module built with the package (`glow_ext._C`), if its metadata file says it was built for
-   the running torch (version and CPU/CUDA flavour). The check comes before loading it: loading a
-   module built for another torch fails with a loader error, or worse, loads and misbehaves.
+1. The module built with the package (`glow_ext._C`, the file `_C.abi3.so`), if its metadata file
+   says it is that file and was built for the running torch (release and CPU/CUDA flavour: see
+   _build.mismatch). The check comes before loading it: loading a module built for another torch
+   fails with a loader error, or worse, loads and misbehaves. Loading it registers the ops
+   (torch.ops.glow_ext), the module itself is empty.
 2. Else, with GLOW_EXT_JIT=1, a module compiled for the running torch on first import into a cache
    folder (GLOW_EXT_CACHE_DIR, default ~/.cache/glow_ext), one sub-folder per torch version,
    flavour, Python and source hash, built under a file lock so that concurrent processes build once.
@@ -29,7 +31,7 @@ JIT_MODULE = "glow_ext_jit"  # TORCH_EXTENSION_NAME of the just-in-time build
 
 
 class Kernels(NamedTuple):
-    module: Optional[object]  # the loaded extension module, None without kernels
+    module: Optional[object]  # the loaded (empty) extension module, None without kernels
     error: Optional[str]  # why there are none
     metadata: dict  # how they were built (see _build.build_metadata); {} when unknown
 
@@ -40,7 +42,7 @@ def load_kernels() -> Kernels:
         problem = "glow_ext._C is not built"
     else:
         metadata = _build.read_metadata(spec.origin) or {}
-        problem = _build.mismatch(metadata, torch) if metadata else None
+        problem = _build.mismatch(metadata, spec.origin, torch) if metadata else None
         if problem is None:
             try:
                 return Kernels(importlib.import_module("glow_ext._C"), None, metadata)

@@ -24,7 +24,10 @@ from ._loader import load_kernels
 
 # The compiled module (it registers torch.ops.glow_ext when loaded), or None and why not.
 _C, LOAD_ERROR, BUILD_METADATA = load_kernels()
-if _C is None:
+if _C is not None:
+    # Read once: the fake kernels consult it while tracing, where calling an op would be traced too.
+    _FACTORED_PATH_CHANNELS = torch.ops.glow_ext._factored_path_channels()
+else:
     warnings.warn(
         f"glow_ext: the compiled kernels could not be loaded: {LOAD_ERROR}. Every op falls back to "
         "the pure-PyTorch reference, which is much slower.",
@@ -64,7 +67,7 @@ def actnorm_invconv_lu_inverse(y, bias, logs, perm, lower, upper, log_s, sign_s)
 def uses_factored_path(channels, pixels):
     """Whether the kernels apply the triangular factors to the N·H·W pixels instead of assembling W
     (deep levels: use_factored_path in csrc/actnorm_invconv.cpp). Never without the kernels."""
-    return _C is not None and channels > _C.factored_path_channels and pixels < channels
+    return _C is not None and channels > _FACTORED_PATH_CHANNELS and pixels < channels
 
 
 def channel_map(x, weight, offset):

@@ -12,7 +12,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 echo "== installing torch and the build tools (torch is a large download the first time)"
 .venv/bin/python -m pip install -q --disable-pip-version-check \
-  "torch>=2.4" numpy pybind11 "setuptools>=77" wheel ninja
+  "torch>=2.4" numpy "setuptools>=77" wheel ninja
 # [all]: every extra of pyproject.toml (training, benchmarks, tests), so main.sh and test.sh run all.
 echo "== building glow_ext with all its extras (setup.py prints a build summary)"
 .venv/bin/python -m pip install -q --disable-pip-version-check --no-build-isolation -e ".[all]" \

@@ -54,11 +54,12 @@ CHECK_OPS = textwrap.dedent("""
     print("OPS_OK")
 """)
 
-# After CHECK_OPS: the compiled CPU kernels ran, and they live under $EXPECT_ROOT.
+# After CHECK_OPS: the compiled CPU kernels ran, and they live under $EXPECT_ROOT, built by setup.py.
 CHECK_KERNELS = textwrap.dedent("""
     assert ops.kernels_available(), ops.LOAD_ERROR
     assert info["cpu_kernels"] is True and info["torch_version"] == torch.__version__, info
     assert os.path.realpath(info["module"]).startswith(here), (info["module"], here)
+    assert os.path.basename(info["module"]) == "_C.abi3.so", info
     assert hasattr(torch.ops.glow_ext, "actnorm_invconv_lu")
     print("KERNELS_OK")
 """)

@@ -10,14 +10,20 @@ CI runs them (it runs the whole suite).
 import importlib.machinery
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
 import textwrap
 import zipfile
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+
+import glow_ext
+from glow_ext import _build, ops
 
 from build_helpers import (BUILD_TIMEOUT_S, CHECK_KERNELS, CHECK_OPS, ISOLATE, ROOT, TORCH_SITE, clean_env,
                            copy_package, make_venv, output, run, write_script)
@@ -33,13 +39,16 @@ def test_wheel_installs_into_a_fresh_venv_and_loads_without_a_compiler(tmp_path)
                  "."], source, BUILD_TIMEOUT_S, GLOW_EXT_CUDA="0", MAX_JOBS=str(os.cpu_count() or 1))
     assert built.returncode == 0, output(built)
     (wheel,) = (tmp_path / "dist").glob("glow_ext-*.whl")
+    assert f"-{_build.LIMITED_API_TAG}-abi3-" in wheel.name, wheel.name  # one wheel for every Python version
     names = zipfile.ZipFile(wheel).namelist()
-    for expected in ("glow_ext/_C.build.json", "glow_ext/csrc/ops.cpp", "glow_ext/csrc/cpu/actnorm_invconv_cpu.cpp",
+    for expected in ("glow_ext/_C.abi3.so", "glow_ext/_C.build.json", "glow_ext/csrc/ops.cpp",
+                     "glow_ext/csrc/python_module.cpp", "glow_ext/csrc/cpu/actnorm_invconv_cpu.cpp",
                      "glow_ext/_build.py", "glow_ext/_loader.py"):
         assert expected in names, names
-    assert any(n.startswith("glow_ext/_C.") and n.endswith(".so") for n in names), names
+    assert [n for n in names if n.startswith("glow_ext/_C.") and n.endswith(".so")] == ["glow_ext/_C.abi3.so"], names
     metadata = json.loads(zipfile.ZipFile(wheel).read("glow_ext/_C.build.json"))
     assert metadata["torch_version"] == torch.__version__ and metadata["cuda_kernels"] is False, metadata
+    assert metadata["module_file"] == "_C.abi3.so" and metadata["python_abi"] == "abi3", metadata
 
     python = make_venv(tmp_path / "venv", see_running_torch=True)
     installed = run([python, "-m", "pip", "install", "--no-deps", "--no-index", wheel], tmp_path)
@@ -138,16 +147,19 @@ def test_jit_build_compiles_once_for_concurrent_processes_then_loads_from_the_ca
     assert "compiling" not in again.stderr, output(again)
 
 
-@pytest.mark.parametrize("built_for", ["another torch", "this torch"])
+@pytest.mark.parametrize("built_for", ["another torch", "this torch", "another module file"])
 def test_kernels_built_for_another_torch_are_reported_before_loading(tmp_path, built_for):
     copy_package(tmp_path, with_sources=False)
-    # Not a loadable module at all: loading it would fail with a loader error.
-    suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
-    (tmp_path / "glow_ext" / f"_C{suffix}").write_bytes(b"not an ELF file\n" * 512)
+    # Not a loadable module at all: loading it would fail with a loader error. "another module
+    # file": a per-Python module left from an older build, which Python finds before the abi3 one
+    # that the metadata describes.
+    name = "_C" + (importlib.machinery.EXTENSION_SUFFIXES[0] if built_for == "another module file" else ".abi3.so")
+    (tmp_path / "glow_ext" / name).write_bytes(b"not an ELF file\n" * 512)
     running_flavour = f"cuda{torch.version.cuda}" if torch.version.cuda else "cpu"
     flavour = "cpu" if torch.version.cuda else "cuda11.8"  # the other flavour
     metadata = ({"torch_version": "2.4.1", "torch_flavour": flavour} if built_for == "another torch" else
                 {"torch_version": torch.__version__, "torch_flavour": running_flavour})
+    metadata["module_file"] = "_C.abi3.so"
     (tmp_path / "glow_ext" / "_C.build.json").write_text(json.dumps(metadata))
     check = run([sys.executable, "-c", ISOLATE + textwrap.dedent("""
         import sys, warnings
@@ -169,8 +181,104 @@ def test_kernels_built_for_another_torch_are_reported_before_loading(tmp_path, b
         running = f"torch {torch.__version__} ({'CUDA ' + torch.version.cuda if torch.version.cuda else 'CPU-only'})"
         assert f"they were built for {built} but {running} is running" in message, message
         assert "ELF" not in message, message  # never loaded
+    elif built_for == "another module file":
+        assert f"_C.build.json describes _C.abi3.so, not {name}" in message, message
+        assert "ELF" not in message, message
     else:  # the metadata fits: it is loaded, and the loader's error is reported
         assert "failed" in message and "invalid ELF header" in message, message
+
+
+def _torch(version, cuda=None):
+    return SimpleNamespace(__version__=version, version=SimpleNamespace(cuda=cuda, hip=None))
+
+
+@pytest.mark.parametrize("built, running, fits", [
+    # PyPI's torch 2.11.0 and PyTorch's index's 2.11.0+cu130 are one build: both CUDA 13.0.
+    (("2.11.0", "13.0"), ("2.11.0+cu130", "13.0"), True),
+    (("2.11.0+cu130", "13.0"), ("2.11.0", "13.0"), True),
+    (("2.13.0+cpu", None), ("2.13.0+cpu", None), True),
+    (("2.11.0", "13.0"), ("2.11.0+cu128", "12.8"), False),  # another flavour
+    (("2.11.0+cu130", "13.0"), ("2.11.0+cpu", None), False),
+    (("2.11.0", "13.0"), ("2.11.1+cu130", "13.0"), False),  # another release
+    (("2.11.0", "13.0"), ("2.11.0rc1+cu130", "13.0"), False),
+    (("2.6.0a0+git1234", "12.4"), ("2.6.0a0+git5678", "12.4"), False),  # other source builds
+    (("2.6.0a0+git1234", "12.4"), ("2.6.0a0+git1234", "12.4"), True),
+])
+def test_kernels_fit_the_same_torch_release_and_flavour_only(built, running, fits):
+    built_torch = _torch(*built)
+    metadata = {**_build.build_metadata(built_torch, False, "", []), "module_file": "_C.abi3.so"}
+    problem = _build.mismatch(metadata, "/site/glow_ext/_C.abi3.so", _torch(*running))
+    assert (problem is None) == fits, problem
+    if not fits:
+        assert problem.startswith(f"they were built for torch {built[0]} ("), problem
+
+
+def test_metadata_names_the_module_it_describes(tmp_path):
+    module = tmp_path / "_C.abi3.so"
+    assert _build.metadata_path(module) == tmp_path / "_C.build.json"
+    assert _build.metadata_path(tmp_path / "glow_ext_jit.so") == tmp_path / "glow_ext_jit.build.json"
+    _build.write_metadata(module, _build.build_metadata(torch, False, "", []))
+    metadata = _build.read_metadata(module)
+    assert metadata["module_file"] == "_C.abi3.so" and metadata["python_abi"] == "abi3", metadata
+    assert "python" not in metadata  # one module serves every Python version
+    assert _build.mismatch(metadata, module, torch) is None
+    older = {key: value for key, value in metadata.items() if key != "module_file"}
+    assert _build.mismatch(older, module, torch) == "_C.build.json was written by an older glow_ext, for another module"
+
+
+def test_a_build_removes_modules_of_other_file_names(tmp_path):
+    names = ["_C.abi3.so", "_C.cpython-311-x86_64-linux-gnu.so", "_C.so", "_C.build.json", "_Coupling.so",
+             "other.abi3.so"]
+    for name in names:
+        (tmp_path / name).write_text("")
+    _build.remove_other_modules(tmp_path / "_C.abi3.so")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["_C.abi3.so", "_C.build.json", "_Coupling.so",
+                                                          "other.abi3.so"]
+
+
+def test_sources_reach_python_through_torch_library_only():
+    """No pybind11 (torch/extension.h brings it in): the ops are registered with TORCH_LIBRARY and
+    only the empty module of python_module.cpp touches CPython, under its limited API."""
+    sources = sorted(p for p in (ROOT / "csrc").rglob("*") if p.suffix in (".cpp", ".cu", ".h", ".cuh"))
+    assert len(sources) > 5, sources
+    for source in sources:
+        text = source.read_text()
+        for banned in ("pybind11", "torch/extension.h", "PYBIND11_MODULE", "torch/python.h"):
+            assert banned not in text, f"{source} uses {banned}"
+        assert ("<Python.h>" in text) == (source.name == "python_module.cpp"), source
+    stub = (ROOT / "csrc" / "python_module.cpp").read_text()
+    assert stub.index("#define Py_LIMITED_API") < stub.index("#include <Python.h>")
+
+
+@pytest.mark.skipif(not ops.kernels_available(), reason="needs the compiled kernels")
+def test_registered_helper_ops_describe_the_loaded_module():
+    info = json.loads(torch.ops.glow_ext._build_info())
+    assert info == {key: glow_ext.build_info()[key] for key in info}, info
+    assert set(info) == {"cpu_kernels", "cpu_isa", "cuda_kernels", "cuda_archs", "torch_version"}, info
+    assert info["cpu_kernels"] is True and info["cpu_isa"] in ("avx512", "avx2+fma", "portable"), info
+    channels = torch.ops.glow_ext._factored_path_channels()
+    assert isinstance(channels, int) and channels > 0
+    assert ops.uses_factored_path(channels + 1, channels) and not ops.uses_factored_path(channels, 1)
+    # No tensor argument to dispatch on: their catch-all kernels also serve under a fake mode.
+    with torch._subclasses.fake_tensor.FakeTensorMode():
+        assert torch.ops.glow_ext._factored_path_channels() == channels
+    with pytest.raises(RuntimeError, match="float64"):
+        torch.ops.glow_ext._lu_weight_entries(torch.arange(2), *[torch.zeros(2, 2)] * 2, torch.zeros(2),
+                                              torch.ones(2))
+
+
+@pytest.mark.skipif(not ops.kernels_available(), reason="needs the compiled kernels")
+def test_built_module_uses_the_limited_api_only():
+    module = Path(ops._C.__file__)
+    if module.parent == Path(glow_ext.__file__).parent:  # built by setup.py, not just in time
+        assert module.name == "_C.abi3.so", module
+        assert ops.BUILD_METADATA["module_file"] == module.name, ops.BUILD_METADATA
+    if shutil.which("nm") is None:
+        pytest.skip("needs nm (binutils) to list the module's symbols")
+    symbols = subprocess.run(["nm", "-D", "--undefined-only", str(module)], capture_output=True, text=True,
+                             check=True).stdout.split()
+    python_symbols = {s for s in symbols if s.startswith(("Py", "_Py"))}
+    assert python_symbols == {"PyModule_Create2"}, sorted(python_symbols)
 
 
 def test_missing_extension_falls_back_to_reference_with_a_warning(tmp_path):
