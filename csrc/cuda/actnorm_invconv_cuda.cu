@@ -3,8 +3,8 @@
 // The only per-pixel primitive is the channel mix y = Wf·x + c. For few channels it is a direct
 // kernel, one thread per pixel and row group with its slice of Wf and c in shared memory; past
 // kDirectMaxChannels a batched GEMM (cuBLAS through ATen) wins. The maps stay in float32 (float64
-// for float64 input) at every C, also for half/bf16 activations, and our ops run with TF32 off
-// (actnorm_invconv.cpp), so the precision does not change with C or with torch's global flags.
+// for float64 input) at every C, also for half/bf16 activations, and our ops' GEMMs stay IEEE
+// float32 (ieee_float32.h), so the precision changes neither with C nor with torch's global flags.
 // The per-element arithmetic is glow_ext_math.h, as on the CPU; the launch shapes are
 // cuda_launch_plan.h, which the CPU tests run on the host.
 #include <ATen/ATen.h>
