@@ -226,8 +226,10 @@ def test_cuda_reduced_precision_maps_stay_float32(C, dtype):
     expected = reference.actnorm_invconv_lu(x.float(), *params)[0].to(dtype)
     differ = y != expected
     assert differ.float().mean().item() <= 0.01
-    ulp = torch.finfo(dtype).eps * expected.float().abs().clamp_min(torch.finfo(dtype).tiny)
-    assert ((y.float() - expected.float()).abs() <= 2 * ulp).all()
+    # One unit in the last place, plus the float32 sums' own error where y cancels to near zero.
+    expected = expected.float()
+    ulp = torch.finfo(dtype).eps * expected.abs()
+    assert ((y.float() - expected).abs() <= 2 * ulp + 1e-5 * expected.abs().max()).all()
 
 
 @requires_cuda
