@@ -29,6 +29,13 @@ void check_matrix(const char* op, const char* name, const at::Tensor& t, int64_t
               shape_str(t));
 }
 
+void check_rank_and_channels(const char* op, const char* input_name, const at::Tensor& x) {
+  TORCH_CHECK(x.dim() >= 2, op, ": `", input_name, "` must be at least 2-D (N, C, *spatial), got shape ",
+              shape_str(x));
+  TORCH_CHECK(x.size(1) > 0, op, ": `", input_name, "` must have at least one channel, got shape ",
+              shape_str(x));
+}
+
 bool is_reduced_float(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; }
 
 // Validates perm on the host for CPU tensors only: for device tensors it would cost a host
@@ -118,13 +125,13 @@ at::Tensor inverse_permutation(const at::Tensor& perm) {
   return inv;
 }
 
-// (N, C, H, W) <-> (C, N·H·W): the factored path works on one matrix of pixels.
+// (N, C, *spatial) <-> (C, N·M): the factored path works on one matrix of positions.
 at::Tensor to_channel_matrix(const at::Tensor& x, at::ScalarType acc) {
   return x.transpose(0, 1).reshape({x.size(1), -1}).to(acc);
 }
 
 at::Tensor from_channel_matrix(const at::Tensor& m, at::IntArrayRef shape, at::ScalarType dtype) {
-  return m.view({shape[1], shape[0], shape[2], shape[3]}).transpose(0, 1).contiguous().to(dtype);
+  return m.view({shape[1], shape[0], -1}).transpose(0, 1).contiguous().to(dtype).view(shape);
 }
 
 at::Tensor assemble_weight(const AccParams& a, const at::Tensor& perm) {
@@ -151,8 +158,8 @@ ChannelMap fold_inverse_generic(const AccParams& a, const at::Tensor& perm) {
 }
 
 // The log-determinant accumulates in float32 (float64 for float64 parameters) and is returned in
-// that dtype: H·W·Σ in float16 parameters would round every term and overflow past 65504.
-at::Tensor logdet_of(const LUParams& p, int64_t pixels_per_image) {
+// that dtype: M·Σ in float16 parameters would round every term and overflow past 65504.
+at::Tensor logdet_of(const LUParams& p, int64_t positions) {
   if (p.logs.is_cpu()) {
     // Four tiny ATen launches would cost more than the whole forward pass at small C.
     const auto logs = p.logs.contiguous(), log_s = p.log_s.contiguous();
@@ -162,11 +169,11 @@ at::Tensor logdet_of(const LUParams& p, int64_t pixels_per_image) {
         total += static_cast<double>(logs.const_data_ptr<scalar_t>()[i]) +
                  static_cast<double>(log_s.const_data_ptr<scalar_t>()[i]);
       }
-      return at::scalar_tensor(total * static_cast<double>(pixels_per_image), logs.options());
+      return at::scalar_tensor(total * static_cast<double>(positions), logs.options());
     });
   }
   const auto acc = p.logs.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  return (p.logs.sum(acc) + p.log_s.sum(acc)) * static_cast<double>(pixels_per_image);
+  return (p.logs.sum(acc) + p.log_s.sum(acc)) * static_cast<double>(positions);
 }
 
 // x_hat = (x + b)·a. From Σ dL/dx_hat and Σ dL/dx_hat ⊙ x_hat over the pixels and the full
@@ -251,10 +258,10 @@ void mix_outer(const Backend& backend, const at::Tensor& src, const at::Tensor& 
     return;
   }
   out = backend.channel_mix(src, {weight, at::zeros({weight.size(0)}, weight.options())});
-  const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
+  const int64_t N = x.size(0), C = x.size(1), M = positions_per_sample(x);
   const auto acc = weight.scalar_type();
-  const auto g3 = (outer_of_out ? out : src).view({N, C, HW}).to(acc);
-  const auto x3 = x.view({N, C, HW}).to(acc);
+  const auto g3 = (outer_of_out ? out : src).view({N, C, M}).to(acc);
+  const auto x3 = x.view({N, C, M}).to(acc);
   grad_folded = N == 1 ? at::mm(g3[0], x3[0].t()) : at::bmm(g3, x3.transpose(1, 2)).sum(0);
   // Spelled out: a bare {0, 2} also matches DimnameList's (pointer, length) constructor in older torch.
   grad_offset = g3.sum(at::IntArrayRef{0, 2});
@@ -308,7 +315,8 @@ Grads folded_backward(const Backend& backend, const at::Tensor& grad, const at::
     // Wfᵀ·dL/dy = dL/dx, so both Wf terms are pixel sums of dL/dx and x ⊙ dL/dx (negated, as
     // above): cheaper than re-assembling Wf when the pixels are few (1x64x4x4 ... 4x192x8x8).
     const auto grad_acc = grad.to(acc);
-    terms = {grad_acc.sum({0, 2, 3}).neg_(), (x.to(acc) * grad_acc).sum({0, 2, 3}).neg_()};
+    const auto grad3 = grad_acc.view({x.size(0), C, -1});
+    terms = {grad3.sum({0, 2}).neg_(), (x.to(acc).view({x.size(0), C, -1}) * grad3).sum({0, 2}).neg_()};
   } else if (!folded.defined()) {
     folded = forward_map(backend, p, x).weight;
   }
@@ -334,10 +342,8 @@ at::ScalarType accumulation_dtype(const at::Tensor& x) {
 
 void check_inputs(const Backend& backend, const char* op, const char* input_name,
                   const at::Tensor& x, const LUParams& p) {
-  TORCH_CHECK(x.dim() == 4, op, ": `", input_name, "` must be 4-D (N, C, H, W), got shape ",
-              shape_str(x));
+  check_rank_and_channels(op, input_name, x);
   const int64_t C = x.size(1);
-  TORCH_CHECK(C > 0, op, ": `", input_name, "` must have at least one channel");
   const auto x_type = x.scalar_type();
   TORCH_CHECK(x_type == at::kFloat || x_type == at::kDouble ||
                   (x.is_cuda() && is_reduced_float(x_type)),
@@ -383,13 +389,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_train(const Backend& back
   check_inputs(backend, "glow_ext::actnorm_invconv_lu", "x", x_in, p);
   const IeeeFloat32Scope ieee_float32;  // exact GEMMs whatever torch's TF32/bf16 flags say
   const auto x = x_in.contiguous();
-  const int64_t C = x.size(1), HW = x.size(2) * x.size(3), M = x.size(0) * HW;
-  auto logdet = logdet_of(p, HW);
+  const int64_t C = x.size(1), M = positions_per_sample(x);
+  auto logdet = logdet_of(p, M);
   const auto acc = accumulation_dtype(x);
   const auto no_map = at::empty({0, C}, x.options().dtype(acc));
   if (x.numel() == 0) return {at::empty_like(x), logdet, no_map};
 
-  if (use_factored_path(C, M)) {
+  if (use_factored_path(C, x.size(0) * M)) {
     const AccParams a(p, acc);
     const auto x_hat =
         (to_channel_matrix(x, acc) + a.bias.unsqueeze(1)) * a.logs.exp().unsqueeze(1);
@@ -414,11 +420,11 @@ std::tuple<at::Tensor, at::Tensor> inverse_train(const Backend& backend, const a
   check_inputs(backend, "glow_ext::actnorm_invconv_lu_inverse", "y", y_in, p);
   const IeeeFloat32Scope ieee_float32;  // as in forward_train
   const auto y = y_in.contiguous();
-  const int64_t C = y.size(1), M = y.size(0) * y.size(2) * y.size(3);
+  const int64_t C = y.size(1), pixels = y.size(0) * positions_per_sample(y);
   const auto acc = accumulation_dtype(y);
   const auto no_map = at::empty({0, C}, y.options().dtype(acc));
   if (y.numel() == 0) return {at::empty_like(y), no_map};
-  if (use_factored_path(C, M)) {
+  if (use_factored_path(C, pixels)) {
     const AccParams a(p, acc);
     auto v = to_channel_matrix(y, acc).index_select(0, inverse_permutation(p.perm));
     v = at::linalg_solve_triangular(a.unit_lower(), v, /*upper=*/false, /*left=*/true,
@@ -440,7 +446,7 @@ at::Tensor channel_map(const Backend& backend, const at::Tensor& x_in, const at:
                        const at::Tensor& offset) {
   const char* op = "glow_ext::channel_map";
   const IeeeFloat32Scope ieee_float32;  // as in forward_train
-  TORCH_CHECK(x_in.dim() == 4, op, ": `x` must be 4-D (N, C, H, W), got shape ", shape_str(x_in));
+  check_rank_and_channels(op, "x", x_in);
   const int64_t C = x_in.size(1);
   const auto x_type = x_in.scalar_type();
   TORCH_CHECK(x_type == at::kFloat || x_type == at::kDouble ||
@@ -478,12 +484,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
   const auto x = x_in.contiguous();
   const auto grad_y = grad_y_in.contiguous();
-  const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3), M = N * HW;
+  const int64_t C = x.size(1), M = positions_per_sample(x);
   const auto acc = accumulation_dtype(x);
-  const auto gld = grad_logdet.reshape({}).to(acc) * static_cast<double>(HW);
+  const auto gld = grad_logdet.reshape({}).to(acc) * static_cast<double>(M);
   const auto saved = saved_map(op, "folded", folded, x);
 
-  if (x.numel() != 0 && !use_factored_path(C, M)) {
+  if (x.numel() != 0 && !use_factored_path(C, x.size(0) * M)) {
     return folded_backward(backend, grad_y, x, p, gld, /*inverse_op=*/false, saved);
   }
   const auto param_type = p.bias.scalar_type();
@@ -527,10 +533,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
               op, ": `grad_x` must match `x` in dtype and device");
   const auto x = x_in.contiguous();
   const auto grad_x = grad_x_in.contiguous();
-  const int64_t C = x.size(1), M = x.size(0) * x.size(2) * x.size(3);
+  const int64_t C = x.size(1), pixels = x.size(0) * positions_per_sample(x);
   const auto acc = accumulation_dtype(x);
   const auto saved = saved_map(op, "folded_inverse", folded_inverse, x);
-  if (x.numel() != 0 && !use_factored_path(C, M)) {
+  if (x.numel() != 0 && !use_factored_path(C, pixels)) {
     return folded_backward(backend, grad_x, x, p, at::zeros({}, x.options().dtype(acc)),
                            /*inverse_op=*/true, saved);
   }

@@ -6,11 +6,20 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/util/accumulate.h>
 
 #include <optional>
 #include <tuple>
 
 namespace glow_ext {
+
+// Every op's input is (N, C, *spatial): a sequence (N, C, T), an image (N, C, H, W), a volume, or
+// plain feature vectors (N, C). The per-position loops see it as (N, C, M).
+
+// M: the positions per sample, the product of the spatial sizes (1 for an (N, C) input).
+inline int64_t positions_per_sample(const at::Tensor& x) {
+  return c10::multiply_integers(x.sizes().slice(2));
+}
 
 struct LUParams {
   const at::Tensor& bias;    // (C,)
@@ -39,20 +48,21 @@ struct FoldedTerms {
 };
 
 struct Backend {
-  // y[n, :, p] = map.weight · x[n, :, p] + map.offset for an NCHW-contiguous x; y has x's dtype.
+  // y[n, :, p] = map.weight · x[n, :, p] + map.offset for a contiguous (N, C, *spatial) x; y has x's
+  // shape and dtype.
   at::Tensor (*channel_mix)(const at::Tensor& x, const ChannelMap& map);
   // The forward map Wf, c where the backend's own loop beats the generic ATen assembly (its ~10
   // launches at small C; on the CPU, its dense product at every C). Returns false to fall back.
   bool (*fold_forward)(const LUParams& p, at::ScalarType acc_dtype, ChannelMap& out);
-  // Optional: the chain rule from dL/dWf, dL/dc (and the logdet's gradient times H·W) to the LU
+  // Optional: the chain rule from dL/dWf, dL/dc (and the logdet's gradient times M) to the LU
   // parameters, given Wf (`folded`) or, when it is undefined, its two terms. Returns false to fall
   // back to the generic ATen version.
   bool (*chain)(const LUParams& p, const at::Tensor& grad_folded, const at::Tensor& grad_offset,
-                const at::Tensor& folded, const FoldedTerms& terms, const at::Tensor& grad_logdet_hw,
+                const at::Tensor& folded, const FoldedTerms& terms, const at::Tensor& grad_logdet_m,
                 ParamGrads& out) = nullptr;
   // Optional: the backward's pass over the pixels. out = weight·src per pixel (no offset) and, in
   // the same sweep, grad_folded = Σ_pixels a·xᵀ (C, C) and grad_offset = Σ_pixels a (C,) in the
-  // accumulation dtype, where a is src, or out when outer_of_out. NCHW-contiguous inputs. Returns
+  // accumulation dtype, where a is src, or out when outer_of_out. Contiguous inputs. Returns
   // false to use channel_mix and a batched GEMM instead.
   bool (*mix_outer)(const at::Tensor& src, const at::Tensor& weight, const at::Tensor& x,
                     bool outer_of_out, at::Tensor& out, at::Tensor& grad_folded,
@@ -160,7 +170,7 @@ const char* cpu_kernel_isa();
 constexpr int64_t kTrmmBlock = 192;
 
 // True when the per-call O(C^3) weight assembly would cost more than applying the triangular
-// factors to the N·H·W pixels directly (deep Glow levels: large C, few pixels).
+// factors to the N·M positions directly (deep Glow levels: large C, few pixels).
 bool use_factored_path(int64_t channels, int64_t pixels);
 
 }  // namespace glow_ext

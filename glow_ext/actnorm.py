@@ -12,19 +12,22 @@ def _sync_initialized_flag(module, incompatible_keys):
 
 @torch.no_grad()
 def _channel_mean_std(x: torch.Tensor):
-    """Per-channel mean and population std over (N, H, W), two-pass, averaged over ranks."""
+    """Per-channel mean and population std of an (N, C, *spatial) x over N and the spatial
+    positions, two-pass, averaged over ranks."""
     x = x.detach().to(reference.accumulation_dtype(x))
-    mean = all_reduce_mean(x.mean(dim=(0, 2, 3)))
-    var = all_reduce_mean((x - mean.view(1, -1, 1, 1)).square().mean(dim=(0, 2, 3)))
+    dims = (0, *range(2, x.dim()))
+    mean = all_reduce_mean(x.mean(dim=dims))
+    var = all_reduce_mean((x - mean.view(1, -1, *([1] * (x.dim() - 2)))).square().mean(dim=dims))
     return mean, var.sqrt()
 
 
 class DataDependentActNorm:
-    """ActNorm's state and data-dependent init, shared by ActNorm2d and ActNormInvConv2d.
+    """ActNorm's state and data-dependent init, shared by ActNorm2d and ActNormInvConv.
 
     Parameters `bias`, `logs` (C,). On the first forward in train mode: bias = −mean,
-    logs = log(scale / (std + 1e-6)) (population std over N, H, W, averaged over torch.distributed
-    ranks). The flag is the `initialized` buffer, so a loaded checkpoint is never re-initialised.
+    logs = log(scale / (std + 1e-6)) (population std over N and the spatial positions, averaged
+    over torch.distributed ranks). The flag is the `initialized` buffer, so a loaded checkpoint is
+    never re-initialised.
     """
 
     def _register_actnorm(self, num_channels: int) -> None:

@@ -112,14 +112,16 @@ class InvConv2dLU(CachesDerivedTensors, nn.Module):
         return f"{self.num_channels}"
 
 
-class ActNormInvConv2d(DataDependentActNorm, InvConv2dLU):
-    """ActNorm followed by an LU-parametrised invertible 1x1 convolution, in one fused op.
+class ActNormInvConv(DataDependentActNorm, InvConv2dLU):
+    """ActNorm followed by an LU-parametrised invertible 1x1 convolution, in one fused op, for
+    input of any rank (N, C, *spatial): feature vectors (N, C), sequences (N, C, T), images, volumes.
 
-    y = W·((x + bias)·exp(logs)) at every pixel, logdet = H·W·(Σ logs + Σ log_s) (a 0-dim tensor,
-    the same for every sample). ActNorm initialises from the first training batch so that its
-    output has zero mean and standard deviation `scale` per channel; the flag is a buffer, so a
-    loaded checkpoint is never re-initialised. Under torch.distributed the statistics are averaged
-    over ranks. W starts as a random rotation.
+    y = W·((x + bias)·exp(logs)) at every position, logdet = M·(Σ logs + Σ log_s) (a 0-dim tensor,
+    the same for every sample), M = the product of the spatial sizes (1 for (N, C)). ActNorm
+    initialises from the first training batch so that its output has zero mean and standard
+    deviation `scale` per channel over N and the positions; the flag is a buffer, so a loaded
+    checkpoint is never re-initialised. Under torch.distributed the statistics are averaged over
+    ranks. W starts as a random rotation.
     """
 
     def __init__(self, num_channels: int, scale: float = 1.0, generator=None):
@@ -132,6 +134,25 @@ class ActNormInvConv2d(DataDependentActNorm, InvConv2dLU):
 
     def extra_repr(self) -> str:
         return f"{self.num_channels}, scale={self.scale}"
+
+
+class ActNormInvConv2d(ActNormInvConv):
+    """ActNormInvConv for images only: (N, C, H, W) input, H·W positions per sample. Same
+    parameters and state_dict."""
+
+    def forward(self, x: torch.Tensor):
+        _check_image(x)
+        return super().forward(x)
+
+    def reverse(self, y: torch.Tensor) -> torch.Tensor:
+        _check_image(y)
+        return super().reverse(y)
+
+
+def _check_image(x: torch.Tensor) -> None:
+    if x.dim() != 4:
+        raise ValueError(f"ActNormInvConv2d takes 4-D input (N, C, H, W), got shape {tuple(x.shape)}; "
+                         "glow_ext.nn.ActNormInvConv takes any (N, C, *spatial)")
 
 
 class InvConv2d(nn.Module):

@@ -32,7 +32,7 @@ from typing import List, NamedTuple, Optional
 import torch
 from torch import nn
 
-from .nn import (COUPLINGS, PERMUTATIONS, ActNorm2d, ActNormInvConv2d, FlowStep, Split, ZeroConv2d,
+from .nn import (COUPLINGS, PERMUTATIONS, ActNorm2d, ActNormInvConv, FlowStep, Split, ZeroConv2d,
                  gaussian_log_prob, gaussian_sample, squeeze2d, unsqueeze2d)
 from .reversible import reversible_steps
 
@@ -264,7 +264,7 @@ class Glow(nn.Module):
             return False
         # The data-dependent ActNorm init needs the ordinary forward pass.
         return all(layer._initialized for layer in level.modules()
-                   if isinstance(layer, (ActNorm2d, ActNormInvConv2d)))
+                   if isinstance(layer, (ActNorm2d, ActNormInvConv)))
 
     def _check_latents(self, zs) -> None:
         if not isinstance(zs, (list, tuple)) or len(zs) != self.L:
@@ -308,8 +308,8 @@ class Glow(nn.Module):
 
     # ---- helpers ------------------------------------------------------------------------------
     def actnorm_layers(self):
-        """Every ActNorm of the model (ActNorm2d or the fused ActNormInvConv2d)."""
-        return [m for m in self.modules() if isinstance(m, (ActNorm2d, ActNormInvConv2d))]
+        """Every ActNorm of the model (ActNorm2d or the fused ActNormInvConv)."""
+        return [m for m in self.modules() if isinstance(m, (ActNorm2d, ActNormInvConv))]
 
     def extra_repr(self) -> str:
         return (f"in_channels={self.in_channels}, image_size={self.image_size}, K={self.K}, "
@@ -401,7 +401,7 @@ class CompiledAfterInit(nn.Module):
             raise ValueError("reversible backprop runs eagerly: CompiledAfterInit needs a Glow "
                              "with reversible=False")
         self.module = module
-        self._actnorms = [m for m in module.modules() if isinstance(m, (ActNorm2d, ActNormInvConv2d))]
+        self._actnorms = [m for m in module.modules() if isinstance(m, (ActNorm2d, ActNormInvConv))]
         # Kept out of the module tree: the compiled wrapper holds the same parameters.
         self.__dict__["_compiled"] = torch.compile(module, fullgraph=True, **compile_options)
 

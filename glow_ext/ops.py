@@ -5,7 +5,8 @@ it); this module registers their fake (meta) kernels and autograd formulas. With
 every function falls back, with a warning, to `glow_ext.reference`; `glow_ext._loader` finds
 the module (or says why there is none).
 
-Conventions (see docs/design.md): x is (N, C, H, W); bias, logs, log_s, sign_s are (C,); perm is (C,) int64
+Conventions (see docs/design.md): x is (N, C, *spatial): (N, C), a sequence (N, C, T), an image
+(N, C, H, W) or a volume; every op works per position. bias, logs, log_s, sign_s are (C,); perm is (C,) int64
 with P[i, j] = 1 iff j == perm[i]; only the strict lower part of `lower` and the strict upper part
 of `upper` are read. W = P·(I + strict_lower(lower))·(strict_upper(upper) + diag(sign_s·exp(log_s))).
 Parameters share one dtype, equal to x's (float32 parameters also serve float16/bfloat16 x on CUDA).
@@ -15,6 +16,7 @@ synchronisation on CUDA and run on the CPU only: that `perm` is a permutation an
 finite. On CUDA the layers in `glow_ext.nn` validate `perm` once when they build it.
 """
 import contextlib
+import math
 import warnings
 
 import torch
@@ -43,7 +45,8 @@ def kernels_available() -> bool:
 
 
 def actnorm_invconv_lu(x, bias, logs, perm, lower, upper, log_s, sign_s):
-    """(y, logdet): y = W·((x + bias)·exp(logs)) per pixel, logdet = H·W·(Σ logs + Σ log_s), 0-dim."""
+    """(y, logdet): y = W·((x + bias)·exp(logs)) per position, logdet = M·(Σ logs + Σ log_s), 0-dim,
+    where M is the positions per sample (the product of the spatial sizes; 1 for (N, C))."""
     if _C is None:
         return reference.actnorm_invconv_lu(x, bias, logs, perm, lower, upper, log_s, sign_s)
     inputs = (x, bias, logs, perm, lower, upper, log_s, sign_s)
@@ -65,13 +68,13 @@ def actnorm_invconv_lu_inverse(y, bias, logs, perm, lower, upper, log_s, sign_s)
 
 
 def uses_factored_path(channels, pixels):
-    """Whether the kernels apply the triangular factors to the N·H·W pixels instead of assembling W
+    """Whether the kernels apply the triangular factors to the N·M positions instead of assembling W
     (deep levels: use_factored_path in csrc/actnorm_invconv.cpp). Never without the kernels."""
     return _C is not None and channels > _FACTORED_PATH_CHANNELS and pixels < channels
 
 
 def channel_map(x, weight, offset):
-    """y = weight·x + offset at every pixel, for a (C, C) map and (C,) offset precomputed by the
+    """y = weight·x + offset at every position, for a (C, C) map and (C,) offset precomputed by the
     caller (the layers' cached inverse). weight and offset are in x's accumulation dtype: float64 for
     float64 x, float32 otherwise."""
     if _C is None:
@@ -82,9 +85,19 @@ def channel_map(x, weight, offset):
 _PARAM_NAMES = ("bias", "logs", "perm", "lower", "upper", "log_s", "sign_s")
 
 
+def positions_per_sample(x):
+    """M: the product of x's spatial sizes (1 for an (N, C) input)."""
+    return math.prod(x.shape[2:])
+
+
+def _check_fake_rank(op, input_name, x):
+    torch._check(x.dim() >= 2, lambda: f"{op}: `{input_name}` must be at least 2-D (N, C, *spatial), "
+                                       f"got {tuple(x.shape)}")
+
+
 def _check_fake_args(op, input_name, x, params):
     """The shape and device checks of the compiled kernels, for meta tensors and tracing."""
-    torch._check(x.dim() == 4, lambda: f"{op}: `{input_name}` must be 4-D (N, C, H, W), got {tuple(x.shape)}")
+    _check_fake_rank(op, input_name, x)
     for name, tensor in zip(_PARAM_NAMES, params):
         if tensor.device != x.device:
             raise RuntimeError(f"{op}: `{name}` is on {tensor.device} but `{input_name}` is on "
@@ -106,7 +119,7 @@ if _C is not None:
 
     def _saved_map_fake(x):
         """The training ops' map: (C, C) in the accumulation dtype, (0, C) on the factored path."""
-        c, pixels = x.shape[1], x.shape[0] * x.shape[2] * x.shape[3]
+        c, pixels = x.shape[1], x.shape[0] * positions_per_sample(x)
         rows = 0 if x.numel() == 0 or uses_factored_path(c, pixels) else c
         return x.new_empty((rows, c), dtype=reference.accumulation_dtype(x))
 
@@ -142,7 +155,7 @@ if _C is not None:
     @torch.library.register_fake("glow_ext::channel_map")
     def _channel_map_fake(x, weight, offset):
         op = "glow_ext::channel_map"
-        torch._check(x.dim() == 4, lambda: f"{op}: `x` must be 4-D (N, C, H, W), got {tuple(x.shape)}")
+        _check_fake_rank(op, "x", x)
         for name, tensor in (("weight", weight), ("offset", offset)):
             if tensor.device != x.device:
                 raise RuntimeError(f"{op}: `{name}` is on {tensor.device} but `x` is on {x.device}; "
@@ -159,8 +172,9 @@ if _C is not None:
         grad_weight = grad_offset = None
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             g = grad_y.to(weight.dtype)
-            grad_weight = torch.einsum("nihw,njhw->ij", g, x.to(weight.dtype))
-            grad_offset = g.sum(dim=(0, 2, 3))
+            g = g.reshape(g.shape[0], g.shape[1], -1)
+            grad_weight = torch.einsum("nip,njp->ij", g, x.to(weight.dtype).reshape(g.shape))
+            grad_offset = g.sum(dim=(0, 2))
         return grad_x, grad_weight, grad_offset
 
     torch.library.register_autograd(

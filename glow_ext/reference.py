@@ -3,6 +3,8 @@
 The tests' oracle, the benchmarks' baseline and the fallback when the compiled kernels are missing.
 Same signatures, dtypes and conventions as `glow_ext.ops`; differentiable through plain autograd.
 """
+import math
+
 import torch
 
 
@@ -31,24 +33,31 @@ def logdet_dtype(param):
     return torch.float64 if param.dtype == torch.float64 else torch.float32
 
 
-def lu_logdet(logs, log_s, height, width):
+def lu_logdet(logs, log_s, *spatial_sizes):
+    """M·(Σ logs + Σ log_s), M = the product of the spatial sizes (1 when none are given)."""
     acc = logdet_dtype(logs)
-    return (logs.sum(dtype=acc) + log_s.sum(dtype=acc)) * (height * width)
+    return (logs.sum(dtype=acc) + log_s.sum(dtype=acc)) * math.prod(spatial_sizes)
+
+
+def _per_channel(v, x):
+    """A (C,) vector shaped to broadcast against an (N, C, *spatial) x."""
+    return v.view(1, -1, *([1] * (x.dim() - 2)))
 
 
 def actnorm_invconv_lu(x, bias, logs, perm, lower, upper, log_s, sign_s):
-    """y = W·((x + bias)·exp(logs)) at every pixel; logdet = H·W·(Σ logs + Σ log_s), 0-dim."""
+    """y = W·((x + bias)·exp(logs)) at every position of an (N, C, *spatial) x; logdet =
+    M·(Σ logs + Σ log_s), 0-dim, M = the product of the spatial sizes (1 for (N, C))."""
     acc = accumulation_dtype(x)
     weight = lu_weight(perm, lower, upper, log_s, sign_s, acc)
-    x_hat = (x.to(acc) + bias.to(acc).view(1, -1, 1, 1)) * logs.to(acc).exp().view(1, -1, 1, 1)
-    y = torch.einsum("ij,njhw->nihw", weight, x_hat)
-    return y.to(x.dtype), lu_logdet(logs, log_s, x.shape[2], x.shape[3])
+    x_hat = (x.to(acc) + _per_channel(bias.to(acc), x)) * _per_channel(logs.to(acc).exp(), x)
+    y = torch.einsum("ij,nj...->ni...", weight, x_hat)
+    return y.to(x.dtype), lu_logdet(logs, log_s, *x.shape[2:])
 
 
 def actnorm_invconv_lu_inverse(y, bias, logs, perm, lower, upper, log_s, sign_s):
     """x = (W⁻¹·y)·exp(−logs) − bias, with W⁻¹ = U'⁻¹·L⁻¹·Pᵀ applied as two triangular solves."""
     acc = accumulation_dtype(y)
-    n, c, h, w = y.shape
+    c = y.shape[1]
     unit_lower, upper_factor = lu_factors(lower, upper, log_s, sign_s, acc)
     inverse_perm = torch.empty_like(perm)
     inverse_perm[perm] = torch.arange(c, device=perm.device)
@@ -56,13 +65,13 @@ def actnorm_invconv_lu_inverse(y, bias, logs, perm, lower, upper, log_s, sign_s)
     v = torch.linalg.solve_triangular(unit_lower, v, upper=False, unitriangular=True)
     v = torch.linalg.solve_triangular(upper_factor, v, upper=True)
     x = v * (-logs.to(acc)).exp().unsqueeze(1) - bias.to(acc).unsqueeze(1)
-    return x.view(c, n, h, w).transpose(0, 1).contiguous().to(y.dtype)
+    return x.view(c, y.shape[0], *y.shape[2:]).transpose(0, 1).contiguous().to(y.dtype)
 
 
 def channel_map(x, weight, offset):
-    """y = weight·x + offset at every pixel; weight (C, C), offset (C,) in x's accumulation dtype."""
+    """y = weight·x + offset at every position; weight (C, C), offset (C,) in x's accumulation dtype."""
     acc = accumulation_dtype(x)
-    y = torch.einsum("ij,njhw->nihw", weight.to(acc), x.to(acc)) + offset.to(acc).view(1, -1, 1, 1)
+    y = torch.einsum("ij,nj...->ni...", weight.to(acc), x.to(acc)) + _per_channel(offset.to(acc), x)
     return y.to(x.dtype)
 
 

@@ -207,7 +207,7 @@ def test_fuzz_channel_map(device, shape, dtype, layout, special, seed):
     check_result(y, truth, bound, torch.zeros((), dtype=torch.bool), x, dtype)
 
 
-MISUSES = ("int_x", "half_x_on_cpu", "param_dtype", "x_3d", "param_shape", "perm_int32",
+MISUSES = ("int_x", "half_x_on_cpu", "param_dtype", "x_1d", "param_shape", "perm_int32",
            "perm_not_permutation", "log_s_not_finite", "device")
 
 
@@ -225,8 +225,8 @@ def test_fuzz_bad_arguments_raise_clear_errors(shape, misuse, inverse, seed):
         x = x.to(torch.float16)
     elif misuse == "param_dtype":
         params[1] = params[1].double()
-    elif misuse == "x_3d":
-        x = x[0] if shape[0] else x[:, 0]
+    elif misuse == "x_1d":
+        x = x.flatten()
     elif misuse == "param_shape":
         params[0] = torch.zeros(c + 1)
     elif misuse == "perm_int32":

@@ -186,7 +186,7 @@ def test_layers_pickled_under_the_old_module_paths_load_and_agree():
 
 def test_glow_ext_nn_exports_every_layer_name_from_one_place():
     """Code and users import these as glow_ext.nn.<name>, whichever module defines them."""
-    names = ["random_rotation_lu", "check_permutation", "InvConv2dLU", "ActNormInvConv2d",
+    names = ["random_rotation_lu", "check_permutation", "InvConv2dLU", "ActNormInvConv", "ActNormInvConv2d",
              "COUPLINGS", "PERMUTATIONS", "ActNorm2d", "InvConv2d", "Shuffle", "Reverse",
              "squeeze2d", "unsqueeze2d", "Squeeze2d", "ZeroConv2d", "CouplingNN", "AffineCoupling",
              "AdditiveCoupling", "LOG_2PI", "gaussian_log_prob", "gaussian_sample", "Split",

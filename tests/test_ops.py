@@ -855,8 +855,8 @@ def _bad_cases(C):
 
     keep = lambda t: t  # noqa: E731
     return [
-        ("x-3d", lambda x: x[0], keep, r"`x` must be 4-D \(N, C, H, W\), got shape \[3, 3, 3\]"),
-        ("x-5d", lambda x: x.unsqueeze(0), keep, r"`x` must be 4-D"),
+        ("x-1d", lambda x: x[0, 0, 0], keep, r"`x` must be at least 2-D \(N, C, \*spatial\), got shape \[3\]"),
+        ("x-0d", lambda x: x[0, 0, 0, 0], keep, r"`x` must be at least 2-D"),
         ("x-no-channels", lambda x: x[:, :0], lambda p: tuple(t[:0] if t.dim() == 1 else t[:0, :0] for t in p),
          r"`x` must have at least one channel"),
         ("bias-C+1", keep, lambda p: _replace(p, bias=torch.randn(C + 1)),
@@ -1042,7 +1042,7 @@ def test_channel_map_empty_batch(device):
 
 
 @pytest.mark.parametrize("bad, message", [
-    (lambda x, w, o: (x[0], w, o), r"channel_map: `x` must be 4-D"),
+    (lambda x, w, o: (x[0, 0, 0], w, o), r"channel_map: `x` must be at least 2-D \(N, C, \*spatial\)"),
     (lambda x, w, o: (x, w[:, :4], o), r"`weight` must have shape \(C, C\) = \(5, 5\)"),
     (lambda x, w, o: (x, w, o[:4]), r"`offset` must have shape \(C,\) = \(5,\)"),
     (lambda x, w, o: (x, w.double(), o), r"`weight` must be Float \(the accumulation dtype of Float input\), got Double"),

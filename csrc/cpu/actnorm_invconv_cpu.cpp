@@ -66,7 +66,7 @@ struct MixArgs {
   scalar_t* y;
   const scalar_t* weight;  // (C, C) row-major
   const scalar_t* offset;  // (C,)
-  int64_t channels, pixels;  // pixels per image (H·W)
+  int64_t channels, pixels;  // positions per sample (M)
   int64_t tiles_per_image;
 };
 
@@ -120,12 +120,12 @@ GLOW_HD void mix_tiles(const MixArgs<scalar_t>& a, int64_t begin, int64_t end) {
 
 template <typename scalar_t>
 struct OuterArgs {
-  const scalar_t* g;  // grad_y, NCHW
+  const scalar_t* g;  // grad_y, (N, C, M)
   const scalar_t* x;
   // When set, the pass first writes mix->y = mix->weight·mix->x over each group of pixels, while
   // they are in cache; g is then mix->x or mix->y.
   const MixArgs<scalar_t>* mix;
-  int64_t channels, pixels;  // pixels per image (H·W)
+  int64_t channels, pixels;  // positions per sample (M)
   int64_t chunk, chunks_per_image;
 };
 
@@ -142,7 +142,7 @@ template <int kB, typename lane_t, typename scalar_t>
 GLOW_HD void outer_block(const OuterArgs<scalar_t>& a, int64_t t0, int64_t t1, int64_t i, int64_t j,
                          scalar_t* out) {
   constexpr int64_t lanes = sizeof(lane_t) / sizeof(scalar_t);
-  const int64_t C = a.channels, HW = a.pixels;
+  const int64_t C = a.channels, M = a.pixels;
   lane_t acc[kB][kB];
   scalar_t tail[kB][kB];
   for (int r = 0; r < kB; ++r) {
@@ -154,15 +154,15 @@ GLOW_HD void outer_block(const OuterArgs<scalar_t>& a, int64_t t0, int64_t t1, i
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t n = t / a.chunks_per_image;
     const int64_t p0 = (t % a.chunks_per_image) * a.chunk;
-    const int64_t p1 = std::min(p0 + a.chunk, HW);
-    const scalar_t* g = a.g + (n * C + i) * HW;
-    const scalar_t* x = a.x + (n * C + j) * HW;
+    const int64_t p1 = std::min(p0 + a.chunk, M);
+    const scalar_t* g = a.g + (n * C + i) * M;
+    const scalar_t* x = a.x + (n * C + j) * M;
     int64_t p = p0;
     for (; p + lanes <= p1; p += lanes) {
       lane_t gv[kB], xv[kB];
       for (int r = 0; r < kB; ++r) {
-        gv[r] = StridedLoad<lane_t, scalar_t>{g + p, HW}(r);
-        xv[r] = StridedLoad<lane_t, scalar_t>{x + p, HW}(r);
+        gv[r] = StridedLoad<lane_t, scalar_t>{g + p, M}(r);
+        xv[r] = StridedLoad<lane_t, scalar_t>{x + p, M}(r);
       }
       for (int r = 0; r < kB; ++r) {
         for (int c = 0; c < kB; ++c) acc[r][c] += gv[r] * xv[c];
@@ -170,7 +170,7 @@ GLOW_HD void outer_block(const OuterArgs<scalar_t>& a, int64_t t0, int64_t t1, i
     }
     for (; p < p1; ++p) {
       for (int r = 0; r < kB; ++r) {
-        for (int c = 0; c < kB; ++c) tail[r][c] += g[r * HW + p] * x[c * HW + p];
+        for (int c = 0; c < kB; ++c) tail[r][c] += g[r * M + p] * x[c * M + p];
       }
     }
   }
@@ -501,7 +501,7 @@ constexpr int64_t kOuterChunkPixels = 4096;
 bool mix_outer_cpu(const at::Tensor& src, const at::Tensor& weight_in, const at::Tensor& x,
                    bool outer_of_out, at::Tensor& out, at::Tensor& grad_folded,
                    at::Tensor& grad_offset) {
-  const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
+  const int64_t N = x.size(0), C = x.size(1), M = positions_per_sample(x);
   if (C > kMixOuterMaxChannels) return false;
   const auto weight = weight_in.contiguous();
   out = at::empty_like(src, at::MemoryFormat::Contiguous);
@@ -509,10 +509,10 @@ bool mix_outer_cpu(const at::Tensor& src, const at::Tensor& weight_in, const at:
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "glow_ext_mix_outer_cpu", [&] {
     const std::vector<scalar_t> no_offset(C, 0);
     const MixArgs<scalar_t> mix{src.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
-                                weight.const_data_ptr<scalar_t>(), no_offset.data(), C, HW, 0};
-    const int64_t chunk = std::min(HW, kOuterChunkPixels);
+                                weight.const_data_ptr<scalar_t>(), no_offset.data(), C, M, 0};
+    const int64_t chunk = std::min(M, kOuterChunkPixels);
     const OuterArgs<scalar_t> args{outer_of_out ? mix.y : mix.x, x.const_data_ptr<scalar_t>(), &mix,
-                                   C, HW, chunk, (HW + chunk - 1) / chunk};
+                                   C, M, chunk, (M + chunk - 1) / chunk};
     const int64_t tasks = N * args.chunks_per_image;
     const int64_t grain = std::max<int64_t>(1, kMinFlopsPerTask / std::max<int64_t>(4 * C * C * chunk, 1));
     // One partial sum per thread, added up in thread order: the chunks of at::parallel_for are a
@@ -540,21 +540,21 @@ bool mix_outer_cpu(const at::Tensor& src, const at::Tensor& weight_in, const at:
 }
 
 at::Tensor channel_mix_cpu(const at::Tensor& x, const ChannelMap& map) {
-  const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
+  const int64_t N = x.size(0), C = x.size(1), M = positions_per_sample(x);
   const auto weight = map.weight.contiguous();
   const auto offset = map.offset.contiguous();
   if (C > kDirectMaxChannels) {
-    const auto y = at::baddbmm(offset.view({1, C, 1}).expand({N, C, HW}), weight.expand({N, C, C}),
-                               x.view({N, C, HW}));
+    const auto y = at::baddbmm(offset.view({1, C, 1}).expand({N, C, M}), weight.expand({N, C, C}),
+                               x.view({N, C, M}));
     return y.view(x.sizes());
   }
   auto y = at::empty_like(x, at::MemoryFormat::Contiguous);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "glow_ext_channel_mix_cpu", [&] {
     const int64_t tile = kTileBytes / sizeof(scalar_t);
-    const int64_t tiles = (HW + tile - 1) / tile;
+    const int64_t tiles = (M + tile - 1) / tile;
     const MixArgs<scalar_t> args{x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(),
                                  weight.const_data_ptr<scalar_t>(), offset.const_data_ptr<scalar_t>(),
-                                 C, HW, tiles};
+                                 C, M, tiles};
     mix_direct(args, N * tiles);
   });
   return y;
@@ -739,7 +739,7 @@ bool fold_inverse_cpu(const LUParams& p, at::ScalarType acc_dtype, ChannelMap& o
 // cost far more than the arithmetic, and at every C its two dense C x C products do three times
 // the work of the triangles they feed (see kChainMaxChannels).
 bool chain_cpu(const LUParams& p, const at::Tensor& grad_folded, const at::Tensor& grad_offset,
-               const at::Tensor& folded, const FoldedTerms& terms, const at::Tensor& grad_logdet_hw,
+               const at::Tensor& folded, const FoldedTerms& terms, const at::Tensor& grad_logdet_m,
                ParamGrads& out) {
   const int64_t C = p.bias.size(0);
   if (C > kChainMaxChannels || p.bias.scalar_type() != grad_folded.scalar_type()) return false;
@@ -753,7 +753,7 @@ bool chain_cpu(const LUParams& p, const at::Tensor& grad_folded, const at::Tenso
     const int64_t* pm = perm.const_data_ptr<int64_t>();
     const scalar_t* gwf = g_folded.const_data_ptr<scalar_t>();
     const scalar_t* gc = g_offset.const_data_ptr<scalar_t>();
-    const double gld = grad_logdet_hw.item<double>();
+    const double gld = grad_logdet_m.item<double>();
     const auto diag = scaled_exp<scalar_t>(log_s, &sign_s), scale = scaled_exp<scalar_t>(logs);
     const std::vector<double> ones(C, 1);
     // ActNorm: dL/db = Wfᵀ·dL/dc, dL/dlogs = Σ_i dL/dWf ⊙ Wf + b ⊙ dL/db (+ the logdet's term).

@@ -36,7 +36,7 @@ constexpr int64_t kPermSharedMaxChannels = 12 * 1024;
 template <typename acc_t, typename scalar_t>
 struct PixelLoad {
   const scalar_t* x;  // channel 0 of the pixel
-  int64_t stride;     // H·W
+  int64_t stride;     // M, the positions per sample
   GLOW_HD acc_t operator()(int64_t j) const { return static_cast<acc_t>(x[j * stride]); }
 };
 
@@ -48,7 +48,7 @@ template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kMixThreads)
     channel_mix_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y,
                        const acc_t* __restrict__ weight, const acc_t* __restrict__ offset,
-                       int64_t C, int64_t HW, int64_t pixels, int64_t rows_per_group) {
+                       int64_t C, int64_t M, int64_t pixels, int64_t rows_per_group) {
   // Untyped because every instantiation shares the one extern array; aligned for the vector loads.
   extern __shared__ __align__(kMixRows * sizeof(double)) unsigned char smem[];
   const int64_t ld = rows_per_group;
@@ -63,12 +63,12 @@ __global__ void __launch_bounds__(kMixThreads)
 
   for (int64_t t = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; t < pixels;
        t += gridDim.x * int64_t{blockDim.x}) {
-    const int64_t n = t / HW;
-    const int64_t at_pixel = n * C * HW + (t - n * HW);
-    scalar_t* y_p = y + at_pixel + row0 * HW;
+    const int64_t n = t / M;
+    const int64_t at_pixel = n * C * M + (t - n * M);
+    scalar_t* y_p = y + at_pixel + row0 * M;
     math::mix_pixel_transposed<kMixRows>(
-        w_t, ld, C, c, rows, PixelLoad<acc_t, scalar_t>{x + at_pixel, HW},
-        [&](int64_t r, acc_t value) { y_p[r * HW] = static_cast<scalar_t>(value); });
+        w_t, ld, C, c, rows, PixelLoad<acc_t, scalar_t>{x + at_pixel, M},
+        [&](int64_t r, acc_t value) { y_p[r * M] = static_cast<scalar_t>(value); });
   }
 }
 
@@ -79,18 +79,18 @@ __global__ void __launch_bounds__(kMixThreads)
 // of an FP32 GEMM — at C >= 96 the GEMM, not the copies, bounds it. For float32/float64 the bias
 // enters as baddbmm's C operand: the same traffic as a separate add (a write of the broadcast bias,
 // then a read in the GEMM); only a GEMM epilogue would remove it, and cuBLASLt's bias epilogue adds
-// along the other dimension of an NCHW output.
+// along the other dimension of an (N, C, M) output.
 at::Tensor channel_mix_gemm(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& offset) {
-  const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
+  const int64_t N = x.size(0), C = x.size(1), M = positions_per_sample(x);
   const auto acc = weight.scalar_type();
   if (x.scalar_type() == acc) {
-    const auto y = at::baddbmm(offset.view({1, C, 1}).expand({N, C, HW}), weight.expand({N, C, C}),
-                               x.view({N, C, HW}));
+    const auto y = at::baddbmm(offset.view({1, C, 1}).expand({N, C, M}), weight.expand({N, C, C}),
+                               x.view({N, C, M}));
     return y.view(x.sizes());
   }
-  const auto mixed = at::matmul(weight, x.view({N, C, HW}).to(acc));
+  const auto mixed = at::matmul(weight, x.view({N, C, M}).to(acc));
   auto y = at::empty_like(x, at::MemoryFormat::Contiguous);
-  auto y3 = y.view({N, C, HW});
+  auto y3 = y.view({N, C, M});
   at::add_out(y3, mixed, offset.view({1, C, 1}));
   return y;
 }
@@ -109,14 +109,14 @@ int64_t multiprocessor_count(c10::DeviceIndex device) {
 }
 
 at::Tensor channel_mix_cuda(const at::Tensor& x, const ChannelMap& map) {
-  const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
+  const int64_t N = x.size(0), C = x.size(1), M = positions_per_sample(x);
   if (x.numel() == 0) return at::empty_like(x, at::MemoryFormat::Contiguous);
   const c10::cuda::CUDAGuard guard(x.device());
   const auto weight = map.weight.contiguous();
   const auto offset = map.offset.contiguous();
   if (C > kDirectMaxChannels) return channel_mix_gemm(x, weight, offset);
   auto y = at::empty_like(x, at::MemoryFormat::Contiguous);
-  const int64_t pixels = N * HW;
+  const int64_t pixels = N * M;
   const auto plan = plan_channel_mix(
       pixels, C, multiprocessor_count(x.device().index()), max_grid_blocks());
   const dim3 grid(static_cast<unsigned>(plan.pixel_blocks), static_cast<unsigned>(plan.row_groups));
@@ -127,7 +127,7 @@ at::Tensor channel_mix_cuda(const at::Tensor& x, const ChannelMap& map) {
     const size_t smem = static_cast<size_t>((C + 1) * plan.rows_per_group) * sizeof(acc_t);
     channel_mix_kernel<scalar_t, acc_t><<<grid, kMixThreads, smem, stream>>>(
         x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(),
-        weight.const_data_ptr<acc_t>(), offset.const_data_ptr<acc_t>(), C, HW, pixels,
+        weight.const_data_ptr<acc_t>(), offset.const_data_ptr<acc_t>(), C, M, pixels,
         plan.rows_per_group);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -251,7 +251,7 @@ __global__ void __launch_bounds__(kFoldThreads) chain_kernel(math::ChainArgs<acc
 
 bool chain_small_cuda(const LUParams& p, const at::Tensor& grad_folded, const at::Tensor& grad_offset,
                       const at::Tensor& folded, const FoldedTerms& terms,
-                      const at::Tensor& grad_logdet_hw, ParamGrads& out) {
+                      const at::Tensor& grad_logdet_m, ParamGrads& out) {
   const int64_t C = p.bias.size(0);
   if (C > kSmallFoldMaxChannels || p.bias.scalar_type() != grad_folded.scalar_type()) return false;
   const c10::cuda::CUDAGuard guard(p.bias.device());
@@ -262,7 +262,7 @@ bool chain_small_cuda(const LUParams& p, const at::Tensor& grad_folded, const at
   const auto wf = folded.defined() ? folded.contiguous() : at::Tensor();
   const auto terms_bias = wf.defined() ? at::Tensor() : terms.grad_bias.contiguous();
   const auto terms_dot = wf.defined() ? at::Tensor() : terms.column_dot.contiguous();
-  const auto gld = grad_logdet_hw.reshape({1}).to(bias.scalar_type());
+  const auto gld = grad_logdet_m.reshape({1}).to(bias.scalar_type());
   out = {at::empty({C}, bias.options()), at::empty({C}, bias.options()),
          at::empty({C, C}, bias.options()), at::empty({C, C}, bias.options()),
          at::empty({C}, bias.options())};
