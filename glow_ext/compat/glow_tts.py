@@ -67,7 +67,7 @@ class ActNorm(nn.Module):
             z = (x - self.bias) * torch.exp(-self.logs)
             logdet = None
         else:
-            z = torch.addcmul(self.bias, torch.exp(self.logs), x)
+            z = self.bias + torch.exp(self.logs) * x
             logdet = torch.sum(self.logs) * _valid_lengths(x, x_mask)
         return (z if x_mask is None else z * x_mask), logdet
 
