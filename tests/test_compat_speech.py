@@ -426,7 +426,7 @@ def test_coqui_weight_inv_state_dict_loads_both_ways(device):
     assert_rel_close(ours.weight_inv, reference.weight_inv, 1e-6, "weight_inv")
     fresh = glow_tts.CoquiInvConvNear(8, num_splits=4)
     fresh.store_inverse()
-    with pytest.raises(RuntimeError):  # a checkpoint with weight_inv into the original before
+    with pytest.raises(RuntimeError):  # as coqui's: weight_inv is unexpected before store_inverse()
         RefCoquiInvConvNear(8, num_splits=4).load_state_dict(fresh.state_dict(), strict=True)
 
 
@@ -460,15 +460,20 @@ def _radtts_pair(c, device, cache_inverse=False):
     return reference.double().to(device), ours.double().to(device)
 
 
+def _set_lower_diag(modules, kind):
+    """lower_diag of every module: ones (as built), or random values of either sign."""
+    if kind == "random":
+        values = torch.rand(8, dtype=torch.float64) + 0.5
+        values[::3] *= -1
+        for module in modules:
+            module.lower_diag.copy_(values)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("lower_diag", ["ones", "random"])
 def test_radtts_matches_reference(device, lower_diag):
     reference, ours = _radtts_pair(8, device)
-    if lower_diag == "random":
-        values = torch.rand(8, dtype=torch.float64, device=device) + 0.5
-        values[::3] *= -1
-        reference.lower_diag.copy_(values)
-        ours.lower_diag.copy_(values)
+    _set_lower_diag((reference, ours), lower_diag)
     z = torch.randn(3, 8, 29, dtype=torch.float64, device=device)
     y_ref, logdet_ref = reference(z)
     y, logdet = ours(z)
@@ -482,8 +487,10 @@ def test_radtts_matches_reference(device, lower_diag):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("inverse", [False, True])
-def test_radtts_gradients_match_reference(device, inverse):
+@pytest.mark.parametrize("lower_diag", ["ones", "random"])
+def test_radtts_gradients_match_reference(device, inverse, lower_diag):
     reference, ours = _radtts_pair(8, device)
+    _set_lower_diag((reference, ours), lower_diag)
     z = torch.randn(2, 8, 15, dtype=torch.float64, device=device, requires_grad=True)
     weights = (torch.randn(2, 8, 15, dtype=torch.float64, device=device), 0.6)
 

@@ -50,10 +50,12 @@ class DenseWeightCache(CachesDerivedTensors):
     def _derived(self, weight, dtype):
         """(W⁻¹ in dtype, log|det W| in the logdet dtype, zero offset in dtype) of the current W."""
         key = (dtype, cache_key((weight,)))
-        if getattr(self, "_dense_cache", None) is None or self._dense_cache[0] != key:
+        if self._dense_cache is None or self._dense_cache[0] != key:
             with torch.no_grad():
                 weight64 = weight.detach().to(torch.float64)
-                inverse = torch.linalg.inv(weight64)
+                # inv_ex: no error check, so no host synchronisation on CUDA (a singular W gives
+                # log|det W| = −inf, which shows in the log-determinant).
+                inverse = torch.linalg.inv_ex(weight64).inverse
                 logabsdet = torch.linalg.slogdet(weight64)[1]
             self._dense_cache = (key, inverse.to(dtype),
                                  logabsdet.to(reference.logdet_dtype(weight)),
