@@ -550,3 +550,33 @@ def test_real_sizes_smoke(device):
         assert z.shape == (4, 160, 50) and logdet.shape == (4,)
         assert_rel_close(z, reference(x, x_mask)[0], 1e-5, f"{type(ours).__name__} z")
         assert_rel_close(ours(z, x_mask, reverse=True)[0], x * x_mask, 1e-5, "round trip")
+
+
+def _init_on_rank(rank, init_file, shards, masks, results):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                                         world_size=len(shards))
+    try:
+        layer = glow_tts.ActNorm(shards[rank].shape[1], ddi=True).double()
+        layer(shards[rank], masks[rank])
+        results[rank] = (layer.logs.detach().clone(), layer.bias.detach().clone())
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_glow_tts_actnorm_init_under_distributed_sees_every_rank(tmp_path):
+    """Two ranks with different batches and valid lengths initialise from the union's masked
+    statistics (sums over ranks, not an average of per-rank means)."""
+    import torch.multiprocessing as mp
+
+    shards = [torch.randn(2, 5, 9, dtype=torch.float64) * 2 + 1 for _ in range(2)]
+    masks = [_random_mask(2, 9, "cpu"), _random_mask(2, 9, "cpu")]
+    masks[1][:, :, 3:] = 0  # rank 1 holds far fewer valid steps
+    results = mp.Manager().dict()
+    mp.spawn(_init_on_rank, args=(str(tmp_path / "init"), shards, masks, results), nprocs=2)
+    reference = RefActNorm(5, ddi=True).double()
+    # The union as one batch: time-concatenation keeps each sample's masked steps.
+    reference(torch.cat(shards, 2), torch.cat(masks, 2))
+    for rank in range(2):
+        logs, bias = results[rank]
+        assert_rel_close(logs, reference.logs, VALUE_TOL, f"rank {rank} logs")
+        assert_rel_close(bias, reference.bias, VALUE_TOL, f"rank {rank} bias")

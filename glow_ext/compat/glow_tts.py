@@ -15,7 +15,7 @@ in the originals.
 import torch
 from torch import nn
 
-from .. import distributed, reference
+from .. import reference
 from ._dense import DenseWeightCache
 
 __all__ = ["ActNorm", "InvConvNear", "CoquiInvConvNear"]
@@ -93,9 +93,11 @@ class ActNorm(nn.Module):
 
 
 def _sum_over_ranks(tensor):
+    """The sum of `tensor` over the torch.distributed ranks (a copy), or `tensor` outside it."""
     dist = torch.distributed
     if dist.is_available() and dist.is_initialized():
-        return distributed.all_reduce_mean(tensor) * dist.get_world_size()
+        tensor = tensor.clone()
+        dist.all_reduce(tensor)
     return tensor
 
 
