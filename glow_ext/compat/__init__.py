@@ -7,12 +7,20 @@
   the constructor, `forward(input, logdet=None, reverse=False)` contract and `state_dict` keys of
   y0ast/Glow-PyTorch and chaiyujin/glow-pytorch (`modules.py`), and y0ast's `FlowStep`
   (`model.py`), whose coupling runs on the fused coupling op.
+- `glow_ext.compat.waveglow`: `Invertible1x1Conv` of NVIDIA/waveglow (`glow.py`,
+  `forward(z, reverse=False)`) and NVIDIA/DeepLearningExamples (`forward(z)`, `infer(z)`,
+  `_invert()`), state_dict `conv.weight`.
+- `glow_ext.compat.glow_tts`: `ActNorm`, `InvConvNear` of jaywalnut310/glow-tts (`modules.py`) and
+  `CoquiInvConvNear` for coqui-ai/TTS's `InvConvNear` (`num_splits`, `weight_inv`), with the
+  `forward(x, x_mask=None, reverse=False)` contract, masks and per-sample log-determinants.
+- `glow_ext.compat.radtts`: `Invertible1x1ConvLUS` of NVIDIA/radtts (`common.py`),
+  `forward(z, inverse=False)`.
 
 Each loads the original module's `state_dict` unchanged (strict) and gives the same outputs and
 log-determinants; the invertible 1x1 convolutions run on the fused `glow_ext.ops` kernels. The
 classes are written from the documented formulas, not from those projects' code.
 
-The helpers below are shared by both submodules (they are defined before the submodules are
+The helpers below are shared by the submodules (they are defined before the submodules are
 imported, so `from . import _helper` inside them works during package import).
 """
 import torch
@@ -20,7 +28,7 @@ import torch
 from .. import reference
 from ..distributed import all_reduce_mean
 
-__all__ = ["rosinality", "glow_pytorch"]
+__all__ = ["rosinality", "glow_pytorch", "waveglow", "glow_tts", "radtts"]
 
 
 def _world_size() -> int:
@@ -127,4 +135,5 @@ def _conv_layout(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if x.device.type == "cpu" else x
 
 
-from . import glow_pytorch, rosinality  # noqa: E402  (after the helpers they import)
+# After the helpers, which the submodules import.
+from . import glow_pytorch, glow_tts, radtts, rosinality, waveglow  # noqa: E402
