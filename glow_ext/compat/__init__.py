@@ -7,12 +7,18 @@
   the constructor, `forward(input, logdet=None, reverse=False)` contract and `state_dict` keys of
   y0ast/Glow-PyTorch and chaiyujin/glow-pytorch (`modules.py`), and y0ast's `FlowStep`
   (`model.py`), whose coupling runs on the fused coupling op.
+- `glow_ext.compat.normflows`: `Invertible1x1Conv`, `InvertibleAffine` with the constructor,
+  `forward(z)` (sampling, W⁻¹) / `inverse(z)` (density, W) contract and `state_dict` keys of
+  normflows (`normflows.flows.mixing`).
+- `glow_ext.compat.nflows`: `LULinear`, `OneByOneConvolution` with the constructor,
+  `forward(inputs, context=None)` / `inverse(inputs, context=None)` contract and `state_dict` keys
+  of nflows (`nflows.transforms`), with an inverse cache that never goes stale.
 
 Each loads the original module's `state_dict` unchanged (strict) and gives the same outputs and
 log-determinants; the invertible 1x1 convolutions run on the fused `glow_ext.ops` kernels. The
 classes are written from the documented formulas, not from those projects' code.
 
-The helpers below are shared by both submodules (they are defined before the submodules are
+The helpers below are shared by the submodules (they are defined before the submodules are
 imported, so `from . import _helper` inside them works during package import).
 """
 import torch
@@ -20,7 +26,7 @@ import torch
 from .. import reference
 from ..distributed import all_reduce_mean
 
-__all__ = ["rosinality", "glow_pytorch"]
+__all__ = ["rosinality", "glow_pytorch", "normflows", "nflows"]
 
 
 def _world_size() -> int:
@@ -127,4 +133,4 @@ def _conv_layout(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if x.device.type == "cpu" else x
 
 
-from . import glow_pytorch, rosinality  # noqa: E402  (after the helpers they import)
+from . import glow_pytorch, nflows, normflows, rosinality  # noqa: E402  (after the helpers they import)
