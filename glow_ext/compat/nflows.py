@@ -29,6 +29,7 @@ from torch import nn
 
 from .. import ops, reference
 from ..cache_invalidation import CachesDerivedTensors, cache_filled, cache_key
+from . import _samples_as_image, _samples_from_image
 
 __all__ = ["LULinear", "OneByOneConvolution"]
 
@@ -117,10 +118,10 @@ class LULinear(CachesDerivedTensors, nn.Module):
                              f"{tuple(inputs.shape)}")
 
     def _as_image(self, inputs):
-        return inputs.reshape(inputs.shape[0], inputs.shape[1], 1, 1)
+        return _samples_as_image(inputs)
 
     def _from_image(self, image, inputs):
-        return image.view(inputs.shape)
+        return _samples_from_image(image, inputs)
 
     def _per_sample_logabsdet(self, inputs, sign):
         pixels = inputs.shape[2] * inputs.shape[3] if inputs.dim() == 4 else 1

@@ -18,7 +18,7 @@ from torch import nn
 
 from .. import ops, reference
 from ..cache_invalidation import CachesDerivedTensors, cache_filled, cache_key
-from . import _Memo, _permutation_of
+from . import _Memo, _permutation_of, _samples_as_image, _samples_from_image
 
 __all__ = ["Invertible1x1Conv", "InvertibleAffine"]
 
@@ -175,8 +175,9 @@ class _InvertibleLinearFlow(CachesDerivedTensors, nn.Module):
         image = self._as_image(z)
         if self._transposed:
             image = image[:, self._lu_perms()[1]]  # Pᵀ·v
-        output, log_det = ops.actnorm_invconv_lu(image, *args)
-        return self._from_image(output, z), log_det
+        # The op's log-determinant counts the image's pixels, which for (N, C) are the N samples.
+        output, _ = ops.actnorm_invconv_lu(image, *args)
+        return self._from_image(output, z), torch.sum(self.log_S) * self._pixels(z)
 
     def forward(self, z):
         """The sampling direction: W⁻¹ applied, log_det = −H·W·log|det W| (0-dim)."""
@@ -215,7 +216,7 @@ class Invertible1x1Conv(_InvertibleLinearFlow):
 class InvertibleAffine(_InvertibleLinearFlow):
     """normflows' invertible affine map without shift on (N, C): `inverse(z, context=None)` =
     (z @ W, log|det W|), `forward(z, context=None)` = (z @ W⁻¹, −log|det W|). Runs on the 4-D
-    kernels with the batch viewed as (N, C, 1, 1); see the base class."""
+    kernels with the batch as one (1, C, N, 1) image; see the base class and `_as_image`."""
 
     _transposed = True
 
@@ -223,10 +224,10 @@ class InvertibleAffine(_InvertibleLinearFlow):
         super().__init__(num_channels, use_lu)
 
     def _as_image(self, z):
-        return z.view(z.shape[0], z.shape[1], 1, 1)
+        return _samples_as_image(z)
 
     def _from_image(self, image, z):
-        return image.view(z.shape)
+        return _samples_from_image(image, z)
 
     def forward(self, z, context=None):
         return super().forward(z)
