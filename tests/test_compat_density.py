@@ -350,3 +350,12 @@ def test_nflows_flow_log_prob(device):
     ours.load_state_dict(original.state_dict(), strict=True)
     x = make_inputs(VARIANTS[4], features, device=device)
     assert_rel_close(ours.log_prob(x), original.log_prob(x), VALUE_TOL, "log_prob")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("variant", [p for p in VARIANT_PARAMS if p.values[0][0].startswith("nflows")])
+def test_nflows_weight_and_logabsdet_match(variant, device):
+    original, ours = make_pair(variant, 5, device=device)
+    assert_rel_close(ours.weight(), original.weight(), VALUE_TOL, "weight()")
+    assert_rel_close(ours.logabsdet(), original.logabsdet(), VALUE_TOL, "logabsdet()")
+    assert_rel_close(ours.upper_diag, original.upper_diag, VALUE_TOL, "upper_diag")
