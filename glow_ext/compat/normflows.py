@@ -60,10 +60,11 @@ class _InvertibleLinearFlow(CachesDerivedTensors, nn.Module):
     Subclasses say how W acts on their input: `_transposed` is True where normflows computes
     z @ W (per sample Wᵀ·z) rather than a 1x1 convolution with W (per pixel W·z).
 
-    Dense W: the density direction is one `glow_ext.ops.channel_map` pass with W itself (its
-    autograd gives W's gradient). W⁻¹ and log|det W| are computed in float64 (inv and slogdet) once
-    per change of W, not per call, and enter autograd through functions whose backward is the exact
-    derivative written out from that cached inverse: exact, and no O(C³) factorisation per call.
+    Dense W: the density direction applies W itself (one `glow_ext.ops.channel_map` pass per
+    image; z @ W for InvertibleAffine), whose autograd gives W's gradient. W⁻¹ and log|det W| are
+    computed in float64 (inv and slogdet) once per change of W, not per call, and enter autograd
+    through functions whose backward is the exact derivative written out from that cached inverse:
+    exact, and no O(C³) factorisation per call.
 
     LU: the fused `glow_ext.ops` kernels run on L, U, log_S, sign_S directly (ActNorm part: bias =
     logs = 0), with perm = P.argmax(dim=1); they read only the strict triangles of L and U, which
@@ -137,10 +138,8 @@ class _InvertibleLinearFlow(CachesDerivedTensors, nn.Module):
         return self._inverse_cache[1:]
 
     def _map(self, z, matrix):
-        """matrix·v per pixel (Invertible1x1Conv) or per sample as z @ matrix (InvertibleAffine)."""
-        matrix = matrix.T if self._transposed else matrix
-        offset = matrix.new_zeros(self.num_channels)
-        return self._from_image(ops.channel_map(self._as_image(z), matrix.contiguous(), offset), z)
+        """matrix·v at every pixel."""
+        return ops.channel_map(z, matrix.contiguous(), matrix.new_zeros(self.num_channels))
 
     def _pixels(self, z):
         return z.shape[2] * z.shape[3] if z.dim() == 4 else 1
@@ -222,6 +221,12 @@ class InvertibleAffine(_InvertibleLinearFlow):
 
     def __init__(self, num_channels, use_lu=True):
         super().__init__(num_channels, use_lu)
+
+    def _map(self, z, matrix):
+        """z @ matrix: a dense (N, C) product is BLAS's job (forward + backward of the density
+        direction at (512, 64), one thread: 0.46 ms, against 0.91 ms with channel_map over the
+        batch as one (1, C, N, 1) image and 0.52 ms for normflows, which also runs slogdet)."""
+        return z @ matrix
 
     def _as_image(self, z):
         return _samples_as_image(z)
