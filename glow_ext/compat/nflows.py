@@ -46,8 +46,8 @@ class LULinear(CachesDerivedTensors, nn.Module):
     0.81 vs 0.94 ms. The log-determinant is Σ log diag(U) computed here: the op's counts pixels,
     which for an (N, C) batch (run as one (1, C, N, 1) image) are the samples.
 
-    `inverse` without autograd is one channel_map pass with the cached map x = W⁻¹·y − W⁻¹·bias,
-    computed in float64 once per change of the parameters.
+    `inverse` without autograd applies the cached map x = W⁻¹·y − W⁻¹·bias (computed in float64
+    once per change of the parameters) in one pass: addmm for (N, C), channel_map per image.
     """
 
     _cache_attributes = ("_inverse_cache",)
@@ -124,6 +124,12 @@ class LULinear(CachesDerivedTensors, nn.Module):
     def _from_image(self, image, inputs):
         return _samples_from_image(image, inputs)
 
+    def _apply_map(self, inputs, weight, offset):
+        """weight·x + offset per sample: BLAS's job for a dense (N, C) product (the whole no-grad
+        inverse at (512, 64), one thread: 0.19 ms, against 0.34 ms with channel_map over the
+        batch as one (1, C, N, 1) image)."""
+        return torch.addmm(offset, inputs, weight.T)
+
     def _op_args(self):
         """The fused op's arguments after the input: identity ActNorm and permutation, the strict
         triangles, log diag(U) and positive signs."""
@@ -153,10 +159,9 @@ class LULinear(CachesDerivedTensors, nn.Module):
         needs_autograd = torch.is_grad_enabled() and (
             inputs.requires_grad or any(p.requires_grad for p in self.parameters()))
         if not (needs_autograd or torch.compiler.is_compiling()):
-            weight, offset = self.inverse_map(reference.accumulation_dtype(inputs))
-            outputs = ops.channel_map(self._as_image(inputs), weight, offset)
+            outputs = self._apply_map(inputs, *self.inverse_map(reference.accumulation_dtype(inputs)))
             log_s = torch.log(self.upper_diag)
-            return self._from_image(outputs, inputs), self._per_sample_logabsdet(inputs, log_s, -1)
+            return outputs, self._per_sample_logabsdet(inputs, log_s, -1)
         args = self._op_args()
         image = self._as_image(inputs) - self.bias.view(1, -1, 1, 1)
         outputs = ops.actnorm_invconv_lu_inverse(image, *args)
@@ -225,6 +230,9 @@ class OneByOneConvolution(LULinear):
 
     def _from_image(self, image, inputs):
         return image
+
+    def _apply_map(self, inputs, weight, offset):
+        return ops.channel_map(inputs, weight, offset)
 
     def _state_tensors(self):
         return super()._state_tensors() + (self.permutation._permutation,)
