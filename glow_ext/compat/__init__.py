@@ -144,4 +144,5 @@ def _samples_from_image(image, z):
     return image.view(z.shape[1], z.shape[0]).T.contiguous()
 
 
-from . import glow_pytorch, nflows, normflows, rosinality  # noqa: E402  (after the helpers they import)
+# After the helpers they import.
+from . import glow_pytorch, nflows, normflows, rosinality  # noqa: E402

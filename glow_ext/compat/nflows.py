@@ -57,7 +57,8 @@ class LULinear(CachesDerivedTensors, nn.Module):
             raise TypeError("Number of features must be a positive integer.")
         super().__init__()
         self.features = features
-        self.using_cache = using_cache  # accepted for nflows' signature; the cache here never goes stale
+        # Accepted for nflows' signature; the cache here never goes stale, so it is always on.
+        self.using_cache = using_cache
         self.eps = eps
         n_triangular_entries = features * (features - 1) // 2
         # Registration order as in nflows, so state_dict() lists the keys in the same order.
@@ -159,7 +160,8 @@ class LULinear(CachesDerivedTensors, nn.Module):
         needs_autograd = torch.is_grad_enabled() and (
             inputs.requires_grad or any(p.requires_grad for p in self.parameters()))
         if not (needs_autograd or torch.compiler.is_compiling()):
-            outputs = self._apply_map(inputs, *self.inverse_map(reference.accumulation_dtype(inputs)))
+            inverse_map = self.inverse_map(reference.accumulation_dtype(inputs))
+            outputs = self._apply_map(inputs, *inverse_map)
             log_s = torch.log(self.upper_diag)
             return outputs, self._per_sample_logabsdet(inputs, log_s, -1)
         args = self._op_args()
@@ -184,7 +186,8 @@ class LULinear(CachesDerivedTensors, nn.Module):
                 lower, upper, torch.log(self.upper_diag), torch.ones_like(self.bias),
                 torch.float64)
             eye = torch.eye(self.features, dtype=torch.float64, device=lower.device)
-            inverse = torch.linalg.solve_triangular(unit_lower, eye, upper=False, unitriangular=True)
+            inverse = torch.linalg.solve_triangular(unit_lower, eye, upper=False,
+                                                    unitriangular=True)
             inverse = torch.linalg.solve_triangular(upper_factor, inverse, upper=True)
             offset = -(inverse @ self.bias.to(torch.float64))
             perm = self._input_permutation()
