@@ -248,11 +248,36 @@ ChannelMap inverse_map(const Backend& backend, const LUParams& p, const at::Tens
   return cast(fold_inverse_generic(AccParams(p, algebra_dtype(y)), p.perm), acc);
 }
 
+// One position per sample ((N, C) feature vectors, nflows' and normflows' layers): the samples are
+// the rows of one (N, C) matrix, so each pass over them is a single GEMM. The backends' pixel loops
+// work on one image at a time and would see N images of one pixel each.
+bool is_matrix_of_samples(const at::Tensor& x, const at::Tensor& map_weight) {
+  return x.numel() != 0 && positions_per_sample(x) == 1 && x.scalar_type() == map_weight.scalar_type();
+}
+
+// y = map.weight·x + map.offset at every position of an NC*-contiguous x.
+at::Tensor apply_map(const Backend& backend, const at::Tensor& x, const ChannelMap& map) {
+  if (is_matrix_of_samples(x, map.weight)) {
+    return at::addmm(map.offset, x.view({x.size(0), x.size(1)}), map.weight.t()).view(x.sizes());
+  }
+  return backend.channel_mix(x, map);
+}
+
 // out = weight·src per pixel and the sums Σ a·xᵀ, Σ a over the pixels (a = src, or out when
 // outer_of_out): the backend's one-sweep primitive, else a channel mix and a batched GEMM.
 void mix_outer(const Backend& backend, const at::Tensor& src, const at::Tensor& weight,
                const at::Tensor& x, bool outer_of_out, at::Tensor& out, at::Tensor& grad_folded,
                at::Tensor& grad_offset) {
+  if (is_matrix_of_samples(x, weight) && src.scalar_type() == weight.scalar_type()) {
+    const int64_t N = x.size(0), C = x.size(1);
+    const auto src2 = src.view({N, C}), x2 = x.view({N, C});
+    const auto out2 = at::mm(src2, weight.t());
+    const auto& a = outer_of_out ? out2 : src2;
+    out = out2.view(x.sizes());
+    grad_folded = at::mm(a.t(), x2);
+    grad_offset = a.sum(0);
+    return;
+  }
   if (backend.mix_outer &&
       backend.mix_outer(src, weight, x, outer_of_out, out, grad_folded, grad_offset)) {
     return;
@@ -406,7 +431,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_train(const Backend& back
   }
   auto map = forward_map(backend, p, x);
   map.weight = map.weight.contiguous();  // the op returns it: one layout whatever the fold
-  return {backend.channel_mix(x, map), logdet, map.weight};
+  return {apply_map(backend, x, map), logdet, map.weight};
 }
 
 std::tuple<at::Tensor, at::Tensor> forward(const Backend& backend, const at::Tensor& x,
@@ -435,7 +460,7 @@ std::tuple<at::Tensor, at::Tensor> inverse_train(const Backend& backend, const a
   }
   auto map = inverse_map(backend, p, y);
   map.weight = map.weight.contiguous();  // the solves leave it column-major; the op returns it
-  return {backend.channel_mix(y, map), map.weight};
+  return {apply_map(backend, y, map), map.weight};
 }
 
 at::Tensor inverse(const Backend& backend, const at::Tensor& y, const LUParams& p) {
@@ -466,7 +491,7 @@ at::Tensor channel_map(const Backend& backend, const at::Tensor& x_in, const at:
   }
   const auto x = x_in.contiguous();
   if (x.numel() == 0) return at::empty_like(x);
-  return backend.channel_mix(x, {weight, offset});
+  return apply_map(backend, x, {weight, offset});
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(

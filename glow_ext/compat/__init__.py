@@ -141,16 +141,5 @@ def _conv_layout(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if x.device.type == "cpu" else x
 
 
-def _samples_as_image(z):
-    """(N, C) as one (1, C, N, 1) image: the kernels run over an image's pixels, and N images of
-    one pixel each cost them far more than the transposing copy (batch 512, one thread: channel_map
-    0.14 vs 1.05 ms at C = 64, the fused op's forward + backward 0.82 vs 3.9 ms)."""
-    return z.T.reshape(1, z.shape[1], z.shape[0], 1)
-
-
-def _samples_from_image(image, z):
-    return image.view(z.shape[1], z.shape[0]).T.contiguous()
-
-
 # After the helpers, which the submodules import.
 from . import glow_pytorch, glow_tts, nflows, normflows, radtts, rosinality, waveglow  # noqa: E402
