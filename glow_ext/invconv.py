@@ -1,5 +1,7 @@
 """Invertible 1x1 convolutions: the LU-parametrised one on the fused ops (alone, or fused with
 ActNorm), and the dense baseline."""
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -122,31 +124,71 @@ class ActNormInvConv(DataDependentActNorm, InvConv2dLU):
     deviation `scale` per channel over N and the positions; the flag is a buffer, so a loaded
     checkpoint is never re-initialised. Under torch.distributed the statistics are averaged over
     ranks. W starts as a random rotation.
+
+    Length masks (padded batches of sequences, as in Glow-TTS): `forward(x, x_mask)` and
+    `reverse(y, x_mask)` take x_mask of shape (N, 1, *spatial), float 0/1 or bool, 1 (True) at
+    the valid positions. The output is multiplied by the mask, so padded positions are zero (the
+    padding must be finite: 0·Inf is NaN), and the logdet is per sample, shape (N,):
+    logdet_n = (Σ_positions x_mask_n)·(Σ logs + Σ log_s), differentiable in logs and log_s. The
+    data-dependent init then uses the valid positions only (whatever the padding holds); under
+    torch.distributed the masked sums and valid counts are added over ranks before dividing, so
+    the statistics are those of the union of the ranks' valid positions. Without a mask nothing
+    changes: logdet stays 0-dim.
     """
 
     def __init__(self, num_channels: int, scale: float = 1.0, generator=None):
         super().__init__(num_channels, generator)
         self.scale = scale
 
-    def forward(self, x: torch.Tensor):
-        self._initialize_if_needed(x)
-        return super().forward(x)
+    def forward(self, x: torch.Tensor, x_mask: torch.Tensor = None):
+        if x_mask is None:
+            self._initialize_if_needed(x)
+            return super().forward(x)
+        mask = _checked_mask(x_mask, x)
+        self._initialize_if_needed(x, mask != 0)
+        y, logdet = super().forward(x)
+        return y * mask.to(y.dtype), _per_sample_logdet(logdet, mask, x)
+
+    def reverse(self, y: torch.Tensor, x_mask: torch.Tensor = None) -> torch.Tensor:
+        if x_mask is None:
+            return super().reverse(y)
+        mask = _checked_mask(x_mask, y)
+        x = super().reverse(y)
+        return x * mask.to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.num_channels}, scale={self.scale}"
 
 
+def _checked_mask(x_mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    expected = (x.shape[0], 1, *x.shape[2:])
+    if x_mask.shape != expected or not (x_mask.dtype == torch.bool or x_mask.is_floating_point()):
+        raise ValueError(f"x_mask must be a float (0/1) or bool tensor of shape (N, 1, *spatial) = "
+                         f"{expected} for input of shape {tuple(x.shape)}; got {x_mask.dtype} "
+                         f"{tuple(x_mask.shape)}")
+    return x_mask
+
+
+def _per_sample_logdet(logdet: torch.Tensor, mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The op's logdet (M positions per sample) rescaled to each sample's valid count, (N,); the
+    rescaling keeps the op's gradient to logs and log_s."""
+    positions = max(math.prod(x.shape[2:]), 1)  # an empty spatial size has no valid position either
+    valid_counts = mask.sum(dim=tuple(range(1, mask.dim())), dtype=logdet.dtype)
+    return logdet / positions * valid_counts
+
+
 class ActNormInvConv2d(ActNormInvConv):
     """ActNormInvConv for images only: (N, C, H, W) input, H·W positions per sample. Same
-    parameters and state_dict."""
+    parameters and state_dict. Takes an optional (N, 1, H, W) x_mask like ActNormInvConv (masked
+    pixels, per-sample logdet)."""
 
-    def forward(self, x: torch.Tensor):
+    def forward(self, x: torch.Tensor, x_mask: torch.Tensor = None):
         _check_image(x)
-        return super().forward(x)
+        return super().forward(x, x_mask)
 
-    def reverse(self, y: torch.Tensor) -> torch.Tensor:
+    def reverse(self, y: torch.Tensor, x_mask: torch.Tensor = None) -> torch.Tensor:
         _check_image(y)
-        return super().reverse(y)
+        return super().reverse(y, x_mask)
 
 
 def _check_image(x: torch.Tensor) -> None:
