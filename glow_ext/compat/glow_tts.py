@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .. import reference
+from ..distributed import all_reduce_sum
 from ._dense import DenseWeightCache
 
 __all__ = ["ActNorm", "InvConvNear", "CoquiInvConvNear"]
@@ -80,25 +81,16 @@ class ActNorm(nn.Module):
     @torch.no_grad()
     def initialize(self, x, x_mask):
         mask = torch.ones_like(x[:, :1]) if x_mask is None else x_mask.to(x.dtype)
-        count = _sum_over_ranks(mask.sum())
-        mean = _sum_over_ranks(torch.sum(x * mask, [0, 2])) / count
+        count = all_reduce_sum(mask.sum())
+        mean = all_reduce_sum(torch.sum(x * mask, [0, 2])) / count
         deviation = (x - mean.view(1, -1, 1)) * mask
-        variance = _sum_over_ranks(torch.sum(deviation * deviation, [0, 2])) / count
+        variance = all_reduce_sum(torch.sum(deviation * deviation, [0, 2])) / count
         logs = -0.5 * torch.log(torch.clamp_min(variance, 1e-6))
         self.logs.copy_(logs.view_as(self.logs))
         self.bias.copy_((-mean * torch.exp(logs)).view_as(self.bias))
 
     def extra_repr(self):
         return f"{self.channels}, initialized={self.initialized}"
-
-
-def _sum_over_ranks(tensor):
-    """The sum of `tensor` over the torch.distributed ranks (a copy), or `tensor` outside it."""
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        tensor = tensor.clone()
-        dist.all_reduce(tensor)
-    return tensor
 
 
 class _SwapGroupsMasked(torch.autograd.Function):
