@@ -690,9 +690,10 @@ def test_cpu_backward_is_deterministic():
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(2, 12, 5, 5), (2, 12, 9)], ids=["image", "sequence"])
 @pytest.mark.compile
-def test_torch_compile_fullgraph_matches_eager(device):
-    x, params = _setup((2, 12, 5, 5), torch.float32, device)
+def test_torch_compile_fullgraph_matches_eager(shape, device):
+    x, params = _setup(shape, torch.float32, device)
 
     def fn(x, bias, logs, perm, lower, upper, log_s, sign_s):
         y, logdet = ops.actnorm_invconv_lu(x, bias, logs, perm, lower, upper, log_s, sign_s)
