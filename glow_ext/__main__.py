@@ -6,7 +6,7 @@ write its two functions and append an entry. train, sample and evaluate live in
 glow_ext.training.commands, ablate in glow_ext.training.ablation (the training application is the
 glow_ext.training package); bench-ops in glow_ext.bench.ops, bench in glow_ext.bench.suite (its
 plots and tables in glow_ext.bench.report), bench-reversible in glow_ext.bench.reversible,
-bench-dropin in glow_ext.bench.dropin.
+bench-dropin in glow_ext.bench.dropin, bench-dropin-flows in glow_ext.bench.dropin_flows.
 
 `pip install glow_ext` brings torch and numpy only. A command that cannot run without an optional
 package is wrapped in `_needs_extra`: without the package it says, in one line, which extra to
@@ -68,6 +68,10 @@ COMMANDS = [
     ("bench-dropin", "a training step of rosinality- and y0ast-style Glows with their own layers "
                      "against the glow_ext.compat drop-ins, same weights",
      _lazy("bench.dropin", "add_arguments"), _lazy("bench.dropin", "run_command")),
+    ("bench-dropin-flows", "each WaveGlow, Glow-TTS, RADTTS, normflows and nflows 1x1-conv drop-in "
+                           "against its original at the peers' real shapes: forward, forward + "
+                           "backward, inverse",
+     _lazy("bench.dropin_flows", "add_arguments"), _lazy("bench.dropin_flows", "run_command")),
     ("train", "train Glow (digits by default; cifar10, a folder of images); also under torchrun",
      _lazy("training.commands", "train_arguments"),
      _needs_extra("train", _lazy("training.commands", "train_run"))),

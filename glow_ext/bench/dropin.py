@@ -203,7 +203,7 @@ def run_anchor(anchor, cfg, device, seed):
             "layer_calls": layer_counts, **summarize(timing, list(methods))}
 
 
-def _ratio_band(base, other):
+def ratio_band(base, other):
     """(low, high) of base/other with each median moved by half its IQR the unfavourable way."""
     low = (base["median_ms"] - base["iqr_ms"] / 2) / (other["median_ms"] + other["iqr_ms"] / 2)
     high = (base["median_ms"] + base["iqr_ms"] / 2) / max(other["median_ms"] - other["iqr_ms"] / 2, 1e-9)
@@ -214,7 +214,7 @@ def summarize(timing, methods):
     step = {m: timing[m]["median_ms"] for m in methods}
     others = [m for m in methods if m != "original"]
     speedup = {m: step["original"] / step[m] for m in others}
-    band = {m: _ratio_band(timing["original"], timing[m]) for m in others}
+    band = {m: ratio_band(timing["original"], timing[m]) for m in others}
     share = {m: timing[f"original layers {m} replaces"]["median_ms"] / step["original"] for m in others}
     own_share = {m: timing[f"{m} layers"]["median_ms"] / step[m] for m in others}
     # If the replaced layers of the original took no time at all (None: noise put the share >= 1).
