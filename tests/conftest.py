@@ -42,6 +42,16 @@ def _seed():
 
 
 @pytest.fixture
+def no_tf32():
+    """Reference layers' conv and matmul in true float32 on CUDA (TF32 would cost ~1e-3); our ops
+    keep IEEE float32 by themselves."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@pytest.fixture
 def generator():
     return torch.Generator().manual_seed(1234)
 

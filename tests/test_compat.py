@@ -29,13 +29,7 @@ def ran_fused_op(y):
     return "glow_ext" in name or "FusedActNormInvConvLU" in name
 
 
-@pytest.fixture(autouse=True)
-def _no_tf32():
-    """The references' conv2d / matmul must be true float32 on CUDA (TF32 would cost ~1e-3)."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+pytestmark = pytest.mark.usefixtures("no_tf32")  # the references' products in true float32
 
 
 # ----------------------------------------------------------------------------------------------

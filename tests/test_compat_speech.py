@@ -20,13 +20,7 @@ VALUE_TOL = 1e-10  # float64 outputs, log-determinants, inverses
 GRAD_TOL = 1e-8    # float64 gradients
 
 
-@pytest.fixture(autouse=True)
-def _no_tf32():
-    """The references' convolutions must be true float32 on CUDA (the smoke tests)."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+pytestmark = pytest.mark.usefixtures("no_tf32")  # the references' products in true float32
 
 
 def _perturb(module, scale=0.1):
