@@ -224,9 +224,9 @@ def summarize(timing, methods):
             "target_met": {m: s >= TARGET_RATIO for m, s in speedup.items()}}
 
 
-def run(args, stream=None):
-    stream = stream or sys.stdout
-    cfg = dict(QUICK if args.quick else FULL)
+def start_run(args, name, cfg, stream):
+    """The device and output path of a drop-in benchmark run writing <name>-<device>.json, after
+    its --reps and --threads; refuses a --quick run over full results. Prints the run's header."""
     if args.reps:
         cfg["reps"] = args.reps
     if args.threads:
@@ -234,13 +234,20 @@ def run(args, stream=None):
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
         raise BenchError("--device cuda, but torch sees no CUDA device")
-    out_dir = args.out or (Path(tempfile.mkdtemp(prefix="glow-ext-dropin-")) if args.quick
+    out_dir = args.out or (Path(tempfile.mkdtemp(prefix=f"glow-ext-{name}-")) if args.quick
                            else DEFAULT_OUT_DIR)
-    path = Path(out_dir) / f"dropin-{device}.json"
+    path = Path(out_dir) / f"{name}-{device}.json"
     if args.quick and path.is_file() and not json.loads(path.read_text())["config"]["quick"]:
         raise BenchError(f"--quick would overwrite the full results in {path}; pick another --out")
-    print(f"glow-ext bench-dropin: device={device}{' (quick)' if args.quick else ''}, "
+    print(f"glow-ext bench-{name}: device={device}{' (quick)' if args.quick else ''}, "
           f"{torch.get_num_threads()} threads, {cfg}", file=stream, flush=True)
+    return device, path
+
+
+def run(args, stream=None):
+    stream = stream or sys.stdout
+    cfg = dict(QUICK if args.quick else FULL)
+    device, path = start_run(args, "dropin", cfg, stream)
     started, load_before = time.perf_counter(), os.getloadavg()
     anchors = []
     for anchor in ANCHORS:

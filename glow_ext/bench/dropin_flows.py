@@ -28,7 +28,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -39,10 +38,9 @@ import torch
 
 from . import anchor_speech as speech
 from .common import BenchError, report_header, synchronizer, time_methods
-from .dropin import ratio_band
+from .dropin import DEFAULT_OUT_DIR, ratio_band, start_run
 from .roofline import floor_ms, measure_ceilings
 
-DEFAULT_OUT_DIR = Path("benchmarks/results")
 FULL = dict(reps=15, min_time_ms=50, warmup=2, ceiling_reps=5)
 QUICK = dict(reps=2, min_time_ms=1, warmup=1, ceiling_reps=1)
 MODES = ("forward", "fwd+bwd", "inverse")
@@ -318,20 +316,7 @@ def digest(result):
 def run(args, stream=None):
     stream = stream or sys.stdout
     cfg = dict(QUICK if args.quick else FULL, quick=args.quick)
-    if args.reps:
-        cfg["reps"] = args.reps
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = args.device
-    if device == "cuda" and not torch.cuda.is_available():
-        raise BenchError("--device cuda, but torch sees no CUDA device")
-    out_dir = args.out or (Path(tempfile.mkdtemp(prefix="glow-ext-dropin-flows-")) if args.quick
-                           else DEFAULT_OUT_DIR)
-    path = Path(out_dir) / f"dropin-flows-{device}.json"
-    if args.quick and path.is_file() and not json.loads(path.read_text())["config"]["quick"]:
-        raise BenchError(f"--quick would overwrite the full results in {path}; pick another --out")
-    print(f"glow-ext bench-dropin-flows: device={device}{' (quick)' if args.quick else ''}, "
-          f"{torch.get_num_threads()} threads, {cfg}", file=stream, flush=True)
+    device, path = start_run(args, "dropin-flows", cfg, stream)
     started, load_before = time.perf_counter(), os.getloadavg()
     ceilings = measure_ceilings(device, reps=cfg["ceiling_reps"],
                                 min_time_s=cfg["min_time_ms"] / 1e3, warmup=cfg["warmup"],
