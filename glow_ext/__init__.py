@@ -1,8 +1,8 @@
 """glow_ext: fast, exact Glow layers on fused C++/CUDA kernels.
 
 The library: `ops` and `coupling_ops` (the fused ops), `reference` (the same math in plain PyTorch), `nn` (layers),
-`models` (Glow, LogitGlow), `reversible` (reversible backprop), `compat` (drop-in layers for two
-Glow code bases). The training application (glow_ext.training) and the benchmarks
+`models` (Glow, LogitGlow), `reversible` (reversible backprop), `compat` (drop-in layers for the
+Glow, speech and density-estimation flow libraries people use). The training application (glow_ext.training) and the benchmarks
 (glow_ext.bench) are subpackages that `import glow_ext` does not load.
 """
 import json
