@@ -354,6 +354,39 @@ Grads folded_backward(const Backend& backend, const at::Tensor& grad, const at::
   return {grad_in, g.bias, g.logs, g.lower, g.upper, g.log_s};
 }
 
+// Backward of the factored path (deep levels), from dL/dy as a (C, N·M) channel matrix in the
+// accumulation dtype (undefined for an empty x): recompute u = U'·x_hat, then walk the factors
+// backwards. Returns dL/dx in x's layout and the parameter gradients.
+std::pair<at::Tensor, ParamGrads> factored_backward(const at::Tensor& x, const at::Tensor& grad_y_matrix,
+                                                     const LUParams& p, const at::Tensor& gld) {
+  const auto acc = accumulation_dtype(x);
+  const AccParams a(p, acc);
+  const auto scale = a.logs.exp();  // ActNorm's multiplier
+  at::Tensor grad_x, grad_lower, grad_upper_full, x_hat_grad, x_hat_dot;
+  if (x.numel() == 0) {
+    grad_x = at::empty_like(x);
+    grad_lower = at::zeros_like(a.lower);
+    grad_upper_full = at::zeros_like(a.upper);
+    x_hat_grad = at::zeros_like(a.bias);  // sum over pixels of dL/dx_hat
+    x_hat_dot = at::zeros_like(a.bias);   // sum over pixels of dL/dx_hat ⊙ x_hat
+  } else {
+    const auto lower_f = a.unit_lower();
+    const auto upper_f = a.upper_factor();
+    const auto x_hat = (to_channel_matrix(x, acc) + a.bias.unsqueeze(1)) * scale.unsqueeze(1);
+    const auto u = trmm(upper_f, x_hat, /*upper=*/true);
+    const auto g_v = grad_y_matrix.index_select(0, inverse_permutation(p.perm));
+    grad_lower = at::mm(g_v, u.t());
+    const auto g_u = trmm(lower_f.t(), g_v, /*upper=*/true);
+    grad_upper_full = at::mm(g_u, x_hat.t());
+    const auto g_x_hat = trmm(upper_f.t(), g_u, /*upper=*/false);
+    grad_x = from_channel_matrix(g_x_hat * scale.unsqueeze(1), x.sizes(), x.scalar_type());
+    x_hat_grad = g_x_hat.sum(1);
+    x_hat_dot = (g_x_hat * x_hat).sum(1);
+  }
+  return {grad_x, param_grads(a, p.bias.scalar_type(), x_hat_grad, x_hat_dot, grad_lower,
+                              grad_upper_full, gld)};
+}
+
 }  // namespace
 
 bool use_factored_path(int64_t channels, int64_t pixels) {
@@ -517,32 +550,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   if (x.numel() != 0 && !use_factored_path(C, x.size(0) * M)) {
     return folded_backward(backend, grad_y, x, p, gld, /*inverse_op=*/false, saved);
   }
-  const auto param_type = p.bias.scalar_type();
-  const AccParams a(p, acc);
-  const auto scale = a.logs.exp();  // ActNorm's multiplier
-  at::Tensor grad_x, grad_lower, grad_upper_full, x_hat_grad, x_hat_dot;
-  if (x.numel() == 0) {
-    grad_x = at::empty_like(x);
-    grad_lower = at::zeros_like(a.lower);
-    grad_upper_full = at::zeros_like(a.upper);
-    x_hat_grad = at::zeros_like(a.bias);  // sum over pixels of dL/dx_hat
-    x_hat_dot = at::zeros_like(a.bias);   // sum over pixels of dL/dx_hat ⊙ x_hat
-  } else {
-    // Factored: recompute the intermediate u = U'·x_hat, then walk the factors backwards.
-    const auto lower_f = a.unit_lower();
-    const auto upper_f = a.upper_factor();
-    const auto x_hat = (to_channel_matrix(x, acc) + a.bias.unsqueeze(1)) * scale.unsqueeze(1);
-    const auto u = trmm(upper_f, x_hat, /*upper=*/true);
-    const auto g_v = to_channel_matrix(grad_y, acc).index_select(0, inverse_permutation(p.perm));
-    grad_lower = at::mm(g_v, u.t());
-    const auto g_u = trmm(lower_f.t(), g_v, /*upper=*/true);
-    grad_upper_full = at::mm(g_u, x_hat.t());
-    const auto g_x_hat = trmm(upper_f.t(), g_u, /*upper=*/false);
-    grad_x = from_channel_matrix(g_x_hat * scale.unsqueeze(1), x.sizes(), x.scalar_type());
-    x_hat_grad = g_x_hat.sum(1);
-    x_hat_dot = (g_x_hat * x_hat).sum(1);
-  }
-  const auto g = param_grads(a, param_type, x_hat_grad, x_hat_dot, grad_lower, grad_upper_full, gld);
+  const auto [grad_x, g] = factored_backward(
+      x, x.numel() == 0 ? at::Tensor() : to_channel_matrix(grad_y, acc), p, gld);
   return {grad_x, g.bias, g.logs, g.lower, g.upper, g.log_s};
 }
 
@@ -567,18 +576,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   }
   // Deep levels: dL/dy = Wf⁻ᵀ·dL/dx = P·L⁻ᵀ·U'⁻ᵀ·diag(exp(−logs))·dL/dx from two triangular solves
   // on the pixels, then minus the forward op's parameter gradients at (x, dL/dy).
-  at::Tensor grad_y = at::empty_like(x);
+  at::Tensor grad_y = at::empty_like(x), grad_y_matrix;
   if (x.numel() != 0) {
     const AccParams a(p, acc);
     auto g = to_channel_matrix(grad_x, acc) * (-a.logs).exp().unsqueeze(1);
     g = at::linalg_solve_triangular(a.upper_factor().t(), g, /*upper=*/false);
     g = at::linalg_solve_triangular(a.unit_lower().t(), g, /*upper=*/true, /*left=*/true,
                                     /*unitriangular=*/true);
-    grad_y = from_channel_matrix(g.index_select(0, p.perm), x.sizes(), x.scalar_type());
+    grad_y_matrix = g.index_select(0, p.perm);
+    grad_y = from_channel_matrix(grad_y_matrix, x.sizes(), x.scalar_type());
   }
-  const auto [unused, g_bias, g_logs, g_lower, g_upper, g_log_s] =
-      backward(backend, grad_y, at::zeros({}, p.bias.options()), x, p, std::nullopt);
-  return {grad_y, -g_bias, -g_logs, -g_lower, -g_upper, -g_log_s};
+  const auto [unused, g] =
+      factored_backward(x, grad_y_matrix, p, at::zeros({}, x.options().dtype(acc)));
+  return {grad_y, -g.bias, -g.logs, -g.lower, -g.upper, -g.log_s};
 }
 
 }  // namespace glow_ext
