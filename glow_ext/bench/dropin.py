@@ -292,23 +292,25 @@ NOTES = {
 }
 
 
-def add_arguments(parser):
+def add_arguments(parser, full=FULL, quick_help=f"tiny models for tests ({QUICK})"):
+    """The options of a drop-in benchmark (bench-dropin, bench-dropin-flows)."""
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--quick", action="store_true",
-                        help=f"tiny models for tests ({QUICK}); writes to a new temporary folder "
-                             "unless --out is given, never over full results")
+                        help=f"{quick_help}; writes to a new temporary folder unless --out is given, "
+                             "never over full results")
     parser.add_argument("--out", type=Path, default=None,
                         help=f"output folder (default {DEFAULT_OUT_DIR})")
-    parser.add_argument("--reps", type=int, default=None, help=f"timed rounds (default {FULL['reps']})")
+    parser.add_argument("--reps", type=int, default=None, help=f"timed rounds (default {full['reps']})")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads first")
     parser.add_argument("--seed", type=int, default=0)
 
 
-def run_command(args):
+def run_command(args, run_benchmark=None, name="bench-dropin"):
+    """Runs a drop-in benchmark; a BenchError becomes one line on stderr and exit status 2."""
     try:
-        run(args)
+        (run_benchmark or run)(args)
     except BenchError as error:
-        print(f"glow-ext bench-dropin: error: {error}", file=sys.stderr)
+        print(f"glow-ext {name}: error: {error}", file=sys.stderr)
         return 2
     return 0
 

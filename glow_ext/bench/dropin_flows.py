@@ -31,14 +31,14 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import torch
 
 from . import anchor_speech as speech
+from . import dropin
 from .common import BenchError, report_header, synchronizer, time_methods
-from .dropin import DEFAULT_OUT_DIR, ratio_band, start_run
+from .dropin import ratio_band, start_run
 from .roofline import floor_ms, measure_ceilings
 
 FULL = dict(reps=15, min_time_ms=50, warmup=2, ceiling_reps=5)
@@ -359,25 +359,11 @@ NOTES = {
 
 
 def add_arguments(parser):
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--quick", action="store_true",
-                        help="tiny shapes for tests; writes to a new temporary folder unless --out "
-                             "is given, never over full results")
-    parser.add_argument("--out", type=Path, default=None,
-                        help=f"output folder (default {DEFAULT_OUT_DIR})")
-    parser.add_argument("--reps", type=int, default=None,
-                        help=f"timed rounds (default {FULL['reps']})")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads first")
-    parser.add_argument("--seed", type=int, default=0)
+    dropin.add_arguments(parser, FULL, "tiny shapes for tests")
 
 
 def run_command(args):
-    try:
-        run(args)
-    except BenchError as error:
-        print(f"glow-ext bench-dropin-flows: error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return dropin.run_command(args, run, "bench-dropin-flows")
 
 
 def main(argv=None):
