@@ -26,8 +26,10 @@ class ZeroConv2d(nn.Module):
         return self.scale(self.conv(x))
 
     def scale(self, conv_out: torch.Tensor) -> torch.Tensor:
-        """The learned per-channel output scale, applied to the convolution's output."""
-        return conv_out * (self.logs * self.logscale_factor).exp().view(1, -1, 1, 1)
+        """The learned per-channel output scale, applied to the convolution's output in its dtype
+        (under autocast the network's output stays in reduced precision; the layer it feeds
+        widens it)."""
+        return conv_out * (self.logs * self.logscale_factor).exp().to(conv_out.dtype).view(1, -1, 1, 1)
 
 
 class CouplingNN(CachesDerivedTensors, nn.Module):

@@ -165,10 +165,10 @@ class AdditiveCoupling(_Coupling):
         super().__init__(num_channels, hidden_channels, out_per_active=1)
 
     def _transform(self, x_b, h):
-        return x_b + h, _zero_logdet(x_b)
+        return x_b + h.to(x_b.dtype), _zero_logdet(x_b)
 
     def _untransform(self, y_b, h):
-        return y_b - h
+        return y_b - h.to(y_b.dtype)
 
 
 LOG_2PI = math.log(2 * math.pi)
@@ -206,7 +206,7 @@ class Split(nn.Module):
         self.prior = ZeroConv2d(self.kept_channels, 2 * self.z_channels)
 
     def prior_params(self, kept: torch.Tensor):
-        h = self.prior(kept)
+        h = self.prior(kept).to(kept.dtype)  # reduced precision under autocast; the prior's is not
         return h[:, :self.z_channels], h[:, self.z_channels:]
 
     def forward(self, x: torch.Tensor):

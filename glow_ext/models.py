@@ -197,12 +197,14 @@ class Glow(nn.Module):
         one_hot = self._one_hot(y, n, like)
         c, h, w = self.z_shapes[-1]
         # The learned top prior is a conv of zeros: the same for every sample, so run it once.
+        # Under autocast the prior's networks run in reduced precision; their outputs are widened
+        # to the flow's dtype before they are combined and parametrise the log-probability.
         params = like.new_zeros((1, 2 * c, h, w))
         if self.top_prior is not None:
-            params = self.top_prior(params)
+            params = self.top_prior(params).to(like.dtype)
         params = params.expand(n, -1, -1, -1)
         if one_hot is not None:
-            params = params + self.class_embedding(one_hot).view(n, 2 * c, 1, 1)
+            params = params + self.class_embedding(one_hot).to(like.dtype).view(n, 2 * c, 1, 1)
         return params[:, :c], params[:, c:]
 
     # ---- the flow -----------------------------------------------------------------------------
@@ -212,7 +214,8 @@ class Glow(nn.Module):
         zs, logdet, split_log_prob = self._flow(x)
         h = zs[-1]
         log_prob = split_log_prob + gaussian_log_prob(h, top_mean, top_log_std) + logdet
-        class_logits = self.class_head(h.mean(dim=(2, 3))) if self.class_head is not None else None
+        class_logits = (self.class_head(h.mean(dim=(2, 3))).to(h.dtype)
+                        if self.class_head is not None else None)
         return GlowOutput(log_prob=log_prob, logdet=logdet, zs=zs, class_logits=class_logits)
 
     def log_prob(self, x: torch.Tensor, y=None) -> torch.Tensor:

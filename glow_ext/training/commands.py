@@ -63,6 +63,8 @@ def train_run(args) -> int:
 # sample
 
 def sample_arguments(parser):
+    from .config import AMP_MODES
+
     parser.add_argument("--checkpoint", required=True, help="best.pt or checkpoint.pt of a run")
     parser.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
     parser.add_argument("--temperature", type=float, default=0.7, help="prior std scale (default 0.7)")
@@ -70,15 +72,17 @@ def sample_arguments(parser):
                         "default: cycle through the classes)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    parser.add_argument("--amp", choices=AMP_MODES, default=None,
+                        help="the coupling and prior networks under autocast (default: the run's --amp)")
     parser.add_argument("--out", default="samples.png", help="PNG file (default samples.png)")
 
 
 def sample_checkpoint(checkpoint, n=64, temperature=0.7, label=None, seed=0, device="auto",
-                      out="samples.png") -> Path:
+                      out="samples.png", amp=None) -> Path:
     import torch
 
     from .checkpoint import load_checkpoint, model_from_checkpoint
-    from .distributed import resolve_device
+    from .distributed import check_amp, resolve_device
     from .errors import TrainingError
     from .evaluation import class_cycle, write_sample_grid
 
@@ -89,6 +93,8 @@ def sample_checkpoint(checkpoint, n=64, temperature=0.7, label=None, seed=0, dev
     device = resolve_device(device)
     state = load_checkpoint(checkpoint)
     model, config = model_from_checkpoint(state, device)
+    amp = config.get("amp", "none") if amp is None else amp
+    check_amp(amp, device)
     n_classes = model.n_classes or 0
     if label is not None:
         if not n_classes:
@@ -100,7 +106,7 @@ def sample_checkpoint(checkpoint, n=64, temperature=0.7, label=None, seed=0, dev
         labels = torch.full((n,), label, dtype=torch.int64)
     else:
         labels = class_cycle(n, n_classes) if n_classes else None
-    return write_sample_grid(model, out, n, int(state["n_bins"]), temperature, seed, labels)
+    return write_sample_grid(model, out, n, int(state["n_bins"]), temperature, seed, labels, amp)
 
 
 def sample_run(args):
@@ -109,7 +115,7 @@ def sample_run(args):
 
     try:
         path = sample_checkpoint(args.checkpoint, args.n, args.temperature, args.label, args.seed,
-                                 args.device, args.out)
+                                 args.device, args.out, args.amp)
     except (TrainingError, DataError) as e:
         return report_error("sample", e)
     print(path)
@@ -120,12 +126,16 @@ def sample_run(args):
 # evaluate
 
 def evaluate_arguments(parser):
+    from .config import AMP_MODES
+
     parser.add_argument("--checkpoint", required=True, help="best.pt or checkpoint.pt of a run")
     parser.add_argument("--split", choices=("test", "train"), default="test")
     parser.add_argument("--data-dir", help="where the data is now (default: the run's --data-dir)")
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
-    parser.add_argument("--amp", choices=("none", "bf16"), default="none")
+    parser.add_argument("--amp", choices=AMP_MODES, default="none",
+                        help="also report the bpd with the networks under this autocast mode (the "
+                        "bpd reported first is always computed in float32)")
 
 
 def evaluate_checkpoint(checkpoint, split="test", data_dir=None, batch_size=512, device="auto",
@@ -133,12 +143,12 @@ def evaluate_checkpoint(checkpoint, split="test", data_dir=None, batch_size=512,
     """Bits/dim of a checkpoint's model on its dataset's split (the trainer's fixed noise)."""
     from .checkpoint import load_checkpoint, model_from_checkpoint
     from .data import load_splits
-    from .distributed import autocast_context, resolve_device
+    from .distributed import check_amp, resolve_device
     from .errors import TrainingError
     from .evaluation import evaluate_bpd
 
     device = resolve_device(device)
-    autocast_context(amp, device)
+    check_amp(amp, device)
     state = load_checkpoint(checkpoint)
     model, config = model_from_checkpoint(state, device)
     splits = load_splits(config["dataset"], data_dir or config["data_dir"], config["image_size"],
@@ -148,9 +158,13 @@ def evaluate_checkpoint(checkpoint, split="test", data_dir=None, batch_size=512,
     if tuple(dataset.image_shape) != tuple(state["image_shape"]):
         raise TrainingError(f"the data has shape {dataset.image_shape}, the model "
                             f"{tuple(state['image_shape'])}")
-    bpd = evaluate_bpd(model, dataset, device, batch_size, bool(model.n_classes), amp)
-    return {"bpd": bpd, "split": split, "n_images": len(dataset), "dataset": config["dataset"],
-            "step": int(state["step"]), "checkpoint": str(checkpoint)}
+    bpd = evaluate_bpd(model, dataset, device, batch_size, bool(model.n_classes))
+    result = {"bpd": bpd, "split": split, "n_images": len(dataset), "dataset": config["dataset"],
+              "step": int(state["step"]), "checkpoint": str(checkpoint)}
+    if amp != "none":
+        result.update(amp=amp, bpd_amp=evaluate_bpd(model, dataset, device, batch_size,
+                                                     bool(model.n_classes), amp))
+    return result
 
 
 def evaluate_run(args):
@@ -162,7 +176,8 @@ def evaluate_run(args):
                                      args.device, args.amp)
     except (TrainingError, DataError) as e:
         return report_error("evaluate", e)
-    print(f"{result['split']} bpd {result['bpd']:.4f} ({result['n_images']} images, step "
+    under_amp = f", {result['bpd_amp']:.4f} under --amp {result['amp']}" if "amp" in result else ""
+    print(f"{result['split']} bpd {result['bpd']:.4f}{under_amp} ({result['n_images']} images, step "
           f"{result['step']})", file=sys.stderr)
     print(json.dumps(result))
     return 0

@@ -49,7 +49,7 @@ FIXED_ON_RESUME = (
 PER_INVOCATION = ("time_limit",)
 OPTIMIZERS = ("adam", "adamw", "adamax", "sgd")
 LR_DECAYS = ("none", "cosine")
-AMP_MODES = ("none", "bf16")
+AMP_MODES = ("none", "bf16", "fp16")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -116,7 +116,11 @@ def add_train_arguments(parser) -> None:
     g.add_argument("--force", action="store_true", help="start afresh in a run folder that "
                    "already holds a checkpoint (it is overwritten)")
     g.add_argument("--device", help="auto (default: cuda if available), cpu, cuda, cuda:N")
-    g.add_argument("--amp", choices=AMP_MODES, help="bf16: autocast to bfloat16 (CUDA only)")
+    g.add_argument("--amp", choices=AMP_MODES,
+                   help="mixed precision: the coupling and prior networks run under autocast in "
+                   "bfloat16 (bf16: CPU or CUDA) or float16 (fp16: CUDA only, with a loss scaler); "
+                   "the flow, log-determinants, loss and optimizer stay float32 and test bpd is "
+                   "always computed in float32 (default none)")
     g.add_argument("--reversible", action="store_const", const=True,
                    help="reversible backprop: recompute each flow step's input from its output in "
                    "the backward pass instead of storing activations (memory flat in K, ~4/3 the "

@@ -1,4 +1,5 @@
-"""Where a run computes: torchrun's process group, the device, bf16 autocast, and rank-0 logging."""
+"""Where a run computes: torchrun's process group, the device, mixed precision (autocast and the
+float16 loss scaler), and rank-0 logging."""
 from __future__ import annotations
 
 import contextlib
@@ -70,13 +71,38 @@ def resolve_device(device_arg: str, ctx: DistContext = DistContext()) -> torch.d
     return device
 
 
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def check_amp(amp: str, device: torch.device) -> None:
+    """Refuses a mixed-precision mode the device cannot run, before any work."""
+    if amp == "none":
+        return
+    if amp not in AUTOCAST_DTYPES:
+        raise TrainingError(f"unknown --amp {amp!r}; choose from none, {', '.join(AUTOCAST_DTYPES)}")
+    if amp == "fp16" and device.type != "cuda":
+        raise TrainingError("--amp fp16 needs --device cuda: float16's range needs a loss scaler and "
+                            "the CPU has no fast float16 convolutions; on the CPU use --amp bf16")
+    if amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise TrainingError(f"--amp bf16: {torch.cuda.get_device_name(device)} has no bfloat16 "
+                            "support; use --amp fp16")
+
+
 def autocast_context(amp: str, device: torch.device):
+    """torch.autocast for --amp bf16 / fp16: the coupling and prior networks' convolutions run in
+    reduced precision; the flow itself stays in its parameters' dtype (see docs/mixed-precision.md)."""
+    check_amp(amp, device)
     if amp == "none":
         return contextlib.nullcontext()
-    if device.type != "cuda":
-        raise TrainingError("--amp bf16 needs --device cuda (bfloat16 autocast on the CPU is not "
-                            "supported by this trainer)")
-    return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[amp])
+
+
+def grad_scaler(amp: str, device: torch.device):
+    """The loss scaler float16 gradients need (their 5-bit exponent underflows without it); None for
+    float32 and bfloat16, whose exponent is float32's."""
+    if amp != "fp16":
+        return None
+    return torch.amp.GradScaler(device.type)
 
 
 def log(ctx: DistContext, message: str) -> None:

@@ -19,7 +19,8 @@ def evaluate_bpd(model: nn.Module, dataset: gdata.LevelsDataset, device: torch.d
                  batch_size: int = 512, conditional: bool = False, amp: str = "none",
                  ctx: DistContext = DistContext(),
                  stop: Optional[Callable[[], bool]] = None) -> Optional[float]:
-    """Mean bits/dim over `dataset` with a fixed dequantization noise (the same in every run and
+    """Mean bits/dim over `dataset` with a fixed dequantization noise, under the autocast mode `amp`
+    (the trainer's test bpd always uses "none": model selection in full precision) (the same in every run and
     for any number of processes: batch b uses seed EVAL_NOISE_SEED + b; under torchrun batch b
     runs on rank b % world_size and the sums are all-reduced).
 
@@ -65,9 +66,9 @@ def _any_process(flag: bool, ctx: DistContext, device: torch.device) -> bool:
 
 @torch.no_grad()
 def sample_levels(model: nn.Module, n: int, n_bins: int, temperature: float = 0.7, seed: int = 0,
-                  labels: Optional[torch.Tensor] = None, device=None) -> torch.Tensor:
+                  labels: Optional[torch.Tensor] = None, device=None, amp: str = "none") -> torch.Tensor:
     """n samples as integer levels (uint8, N, C, H, W), drawn with a private RNG state (the global
-    one is left as it was)."""
+    one is left as it was); amp: the coupling and prior networks under that autocast mode."""
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -76,16 +77,18 @@ def sample_levels(model: nn.Module, n: int, n_bins: int, temperature: float = 0.
     try:
         with torch.random.fork_rng(devices=devices, device_type="cuda"):
             torch.manual_seed(seed)
-            x = model.sample(n, temperature=temperature,
-                             y=labels.to(device) if labels is not None else None)
+            with autocast_context(amp, device):
+                x = model.sample(n, temperature=temperature,
+                                 y=labels.to(device) if labels is not None else None)
     finally:
         model.train(was_training)
     x = torch.nan_to_num(x.float(), nan=0.0, posinf=0.5, neginf=-0.5)
     return gdata.to_levels(x, n_bins)
 
 
-def write_sample_grid(model, path, n, n_bins, temperature=0.7, seed=0, labels=None) -> Path:
-    levels = sample_levels(model, n, n_bins, temperature, seed, labels)
+def write_sample_grid(model, path, n, n_bins, temperature=0.7, seed=0, labels=None,
+                      amp: str = "none") -> Path:
+    levels = sample_levels(model, n, n_bins, temperature, seed, labels, amp=amp)
     h = levels.shape[-1]
     gdata.save_image_grid(levels, n_bins, path, scale=max(1, 64 // h))
     return Path(path)

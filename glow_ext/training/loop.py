@@ -47,7 +47,8 @@ from . import data as gdata
 from .checkpoint import (CHECKPOINT_FORMAT, MetricsLog, atomic_save, atomic_write_text,
                          load_checkpoint, rng_state, set_rng_state, truncate_metrics, write_error)
 from .config import FIXED_ON_RESUME, defaults_for, total_steps, validate_config
-from .distributed import DistContext, autocast_context, log, resolve_device, setup_distributed
+from .distributed import (DistContext, autocast_context, check_amp, grad_scaler, log, resolve_device,
+                          setup_distributed)
 from .errors import CheckpointError, TrainingDiverged, TrainingError, TrainingInterrupted
 from .evaluation import class_cycle, evaluate_bpd, write_sample_grid
 from .objective import (Objective, add_coupling_dropout, build_model, load_ema_state, lr_lambda,
@@ -92,6 +93,7 @@ class Trainer:
     def __init__(self, config: dict, ctx: DistContext, out: Path):
         self.config, self.ctx, self.out = config, ctx, out
         self.step = 0
+        self.skipped_steps = 0  # float16 updates the loss scaler skipped (overflowing gradients)
         self.best = {"bpd": math.inf, "step": None}
         self.last_eval_step = self.last_test_bpd = None
         self.metrics = None
@@ -117,7 +119,7 @@ class Trainer:
     def set_up(self, checkpoint: Optional[dict], force: bool) -> None:
         config, ctx, out = self.config, self.ctx, self.out
         self.device = resolve_device(config["device"], ctx)
-        autocast_context(config["amp"], self.device)  # refuses bf16 on the CPU before any work
+        check_amp(config["amp"], self.device)
         if checkpoint is None and (out / "checkpoint.pt").exists() and not force:
             raise TrainingError(f"{str(out)!r} already holds a run (checkpoint.pt): pass --resume to "
                                 f"continue it, --force to start afresh, or another --out")
@@ -131,6 +133,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(config, self.steps_total))
         self.ema = make_ema(self.model, config["ema"]) if config["ema"] > 0 else None
+        self.scaler = grad_scaler(config["amp"], self.device)
 
     def load_data(self) -> None:
         config, ctx = self.config, self.ctx
@@ -169,9 +172,12 @@ class Trainer:
             self.scheduler.load_state_dict(checkpoint["scheduler"])
             if self.ema is not None:
                 load_ema_state(self.ema, checkpoint["ema"], self.model)
+            if self.scaler is not None and checkpoint.get("scaler"):
+                self.scaler.load_state_dict(checkpoint["scaler"])
         except (RuntimeError, KeyError, ValueError, TypeError) as e:
             raise CheckpointError(f"the checkpoint does not fit this run's model/optimizer: {e}") from e
         self.step = int(checkpoint["step"])
+        self.skipped_steps = int(checkpoint.get("skipped_steps", 0))
         self.best = dict(checkpoint.get("best", self.best))
         self.last_test_bpd = checkpoint.get("last_test_bpd")
         self.pending = dict(self.pending, **checkpoint.get("pending", {}))
@@ -292,7 +298,12 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         with autocast_context(config["amp"], device):
             loss, bpd = self.objective(x, y)
-        loss.backward()
+        scaler = self.scaler
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(
             self.params, config["grad_clip"] if config["grad_clip"] > 0 else math.inf)
         time_limit = config["time_limit"]
@@ -305,7 +316,10 @@ class Trainer:
             stats[:2] /= ctx.world_size
         loss_value, bpd_value, stop_flag, signal_flag = stats.tolist()
         grad_norm = float(grad_norm)
-        if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+        # With the float16 loss scaler, an overflowing gradient is how the scale finds its level:
+        # scaler.step skips that update and lowers the scale. Only a non-finite loss is divergence.
+        scaled_overflow = scaler is not None and math.isfinite(loss_value)
+        if not (math.isfinite(loss_value) and (math.isfinite(grad_norm) or scaled_overflow)):
             last = self.out / "checkpoint.pt"
             kept = (f"the last good checkpoint, {str(last)!r}, was kept unchanged"
                     if last.exists() else "no checkpoint had been written yet")
@@ -313,7 +327,13 @@ class Trainer:
                 f"training diverged at step {step + 1}: loss {loss_value}, gradient norm "
                 f"{grad_norm}; the update was not applied and {kept}. Lower --lr, lengthen "
                 f"--warmup or set --grad-clip.")
-        self.optimizer.step()
+        if scaler is not None:
+            scaler.step(self.optimizer)
+            scaler.update()
+            if not math.isfinite(grad_norm):
+                self.skipped_steps += 1
+        else:
+            self.optimizer.step()
         self.scheduler.step()
         self.step += 1
         if self.ema is not None:
@@ -332,8 +352,11 @@ class Trainer:
         spe = self.steps_per_epoch
         record = {"split": "train", "step": step, "epoch": step / spe, "loss": loss_value,
                   "bpd": bpd_value, "loss_avg": loss_sum / n_sum, "bpd_avg": bpd_sum / n_sum,
-                  "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
+                  "lr": self.optimizer.param_groups[0]["lr"],
+                  "grad_norm": grad_norm if math.isfinite(grad_norm) else None,
                   "it_per_s": its, "img_per_s": its * self.batch_size, "elapsed_s": now - self.t_start}
+        if self.scaler is not None:
+            record.update(loss_scale=self.scaler.get_scale(), skipped_steps=self.skipped_steps)
         self.write_metrics(record)
         log(self.ctx, f"step {step}/{self.steps_total} ep {step / spe:.1f} loss {loss_sum / n_sum:.4f} "
                       f"bpd {bpd_sum / n_sum:.4f} lr {record['lr']:.2e} |g| {grad_norm:.2f} "
@@ -356,8 +379,9 @@ class Trainer:
         """Test bpd at this step (None: abandoned for a stop signal)."""
         config, step = self.config, self.step
         model = self.averaged()
+        # Always without autocast: the test bpd that selects best.pt is that of the float32 model.
         bpd = evaluate_bpd(model, self.test_set, self.device, config["eval_batch_size"],
-                           config["conditional"], config["amp"], self.ctx,
+                           config["conditional"], "none", self.ctx,
                            stop=lambda: self.stop_request.requested)
         if bpd is None:
             return None
@@ -382,7 +406,8 @@ class Trainer:
         path = self.out / "samples" / f"step_{self.step:07d}.png"
         try:
             write_sample_grid(self.averaged(), path, config["n_samples"], self.n_bins,
-                              config["temperature"], seed=config["seed"], labels=labels)
+                              config["temperature"], seed=config["seed"], labels=labels,
+                              amp=config["amp"])
         except OSError as e:
             raise write_error(path, e) from e
 
@@ -399,7 +424,9 @@ class Trainer:
         else:
             state.update(model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
                          scheduler=self.scheduler.state_dict(), rng=rng_state(),
-                         ema=self.ema.state_dict() if self.ema is not None else None)
+                         ema=self.ema.state_dict() if self.ema is not None else None,
+                         scaler=self.scaler.state_dict() if self.scaler is not None else None,
+                         skipped_steps=self.skipped_steps)
         return state
 
     def save_checkpoint(self) -> None:
@@ -412,6 +439,7 @@ class Trainer:
                    "best_test_bpd": self.best["bpd"], "best_step": self.best["step"],
                    "final_test_bpd": self.last_test_bpd, "wall_s": wall,
                    "n_params": self.n_params, "world_size": self.ctx.world_size,
+                   "amp": self.config["amp"], "skipped_steps": self.skipped_steps,
                    "device": str(self.device), "out": str(self.out)}
         if self.ctx.is_main:
             atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2) + "\n")
