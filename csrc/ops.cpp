@@ -134,3 +134,30 @@ TORCH_LIBRARY(glow_ext, m) {
 }
 
 TORCH_LIBRARY_IMPL(glow_ext, CPU, m) { m.impl("_lu_weight_entries", &lu_weight_entries); }
+
+namespace {
+
+// Under autocast the ops keep their inputs' dtypes and compute maps and log-determinants in float32
+// or wider themselves. The ATen calls inside them must not be autocast as well: with one position
+// per sample the 1x1 op's GEMM would come back in bfloat16 and round the flow's state.
+void call_without_autocast(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  op.callBoxed(stack);
+}
+
+constexpr const char* kTensorOps[] = {
+    "actnorm_invconv_lu", "_actnorm_invconv_lu_train", "_actnorm_invconv_lu_inverse_train",
+    "actnorm_invconv_lu_inverse", "actnorm_invconv_lu_backward", "actnorm_invconv_lu_inverse_backward",
+    "channel_map", "affine_coupling", "affine_coupling_inverse", "affine_coupling_backward",
+    "affine_coupling_inverse_backward"};
+
+void register_without_autocast(torch::Library& m) {
+  for (const char* name : kTensorOps) {
+    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&call_without_autocast>());
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(glow_ext, AutocastCPU, m) { register_without_autocast(m); }
+TORCH_LIBRARY_IMPL(glow_ext, AutocastCUDA, m) { register_without_autocast(m); }

@@ -72,6 +72,9 @@ COMMANDS = [
                            "against its original at the peers' real shapes: forward, forward + "
                            "backward, inverse",
      _lazy("bench.dropin_flows", "add_arguments"), _lazy("bench.dropin_flows", "run_command")),
+    ("bench-amp", "a Glow's training step and sampling in float32 and under autocast (ours and the "
+                  "rosinality-style model), and the round-trip error at every level shape",
+     _lazy("bench.amp", "add_arguments"), _lazy("bench.amp", "run_command")),
     ("train", "train Glow (digits by default; cifar10, a folder of images); also under torchrun",
      _lazy("training.commands", "train_arguments"),
      _needs_extra("train", _lazy("training.commands", "train_run"))),

@@ -197,6 +197,13 @@ def _check_image(x: torch.Tensor) -> None:
                          "glow_ext.nn.ActNormInvConv takes any (N, C, *spatial)")
 
 
+def _mix_channels(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """weight·x at every pixel, in x's dtype even under autocast: the map is part of the flow."""
+    c = weight.shape[0]
+    with torch.autocast(x.device.type, enabled=False):
+        return F.conv2d(x, weight.view(c, c, 1, 1))
+
+
 class InvConv2d(nn.Module):
     """The naive invertible 1x1 convolution, kept as the baseline: a dense weight W (C, C).
 
@@ -214,15 +221,13 @@ class InvConv2d(nn.Module):
         self.weight = nn.Parameter(rotation.to(torch.float32))
 
     def forward(self, x: torch.Tensor):
-        c = self.num_channels
-        y = F.conv2d(x, self.weight.view(c, c, 1, 1))
+        y = _mix_channels(x, self.weight)
         logabsdet = torch.linalg.slogdet(self.weight.to(torch.float64))[1].to(self.weight.dtype)
         return y, logabsdet * (x.shape[2] * x.shape[3])
 
     def reverse(self, y: torch.Tensor) -> torch.Tensor:
-        c = self.num_channels
         inverse = torch.linalg.inv(self.weight.to(torch.float64)).to(self.weight.dtype)
-        return F.conv2d(y, inverse.view(c, c, 1, 1))
+        return _mix_channels(y, inverse)
 
     def extra_repr(self) -> str:
         return f"{self.num_channels}"

@@ -30,11 +30,13 @@ REDUCED = (torch.bfloat16, torch.float16)
 N_BINS = 32
 
 
-def perturbed_glow(coupling="affine", conditional=True, seed=0):
-    """A small Glow whose zero-initialised output layers are moved off zero, ActNorm initialised."""
+def perturbed_glow(coupling="affine", conditional=True, seed=0, permutation="invconv_lu"):
+    """A small Glow whose zero-initialised output layers are moved off zero, ActNorm initialised.
+    Its last level runs at 1x1 pixels, where the 1x1 op's passes are GEMMs."""
     torch.manual_seed(seed)
-    model = Glow(in_channels=3, image_size=8, K=2, L=2, hidden_channels=16, coupling=coupling,
-                 n_classes=4 if conditional else None, class_head=conditional)
+    model = Glow(in_channels=3, image_size=8, K=2, L=3, hidden_channels=16, coupling=coupling,
+                 permutation=permutation, n_classes=4 if conditional else None,
+                 class_head=conditional)
     x = torch.rand(6, 3, 8, 8) - 0.5
     y = torch.randint(0, 4, (6,)) if conditional else None
     with torch.no_grad():
@@ -119,9 +121,10 @@ def bpd_loss(model, x, y):
     return loss, out
 
 
-@pytest.mark.parametrize("coupling", ["affine", "additive"])
-def test_a_whole_step_keeps_reduced_precision_inside_the_networks(coupling):
-    model, x, y = perturbed_glow(coupling)
+@pytest.mark.parametrize("coupling, permutation", [("affine", "invconv_lu"), ("additive", "invconv_lu"),
+                                                   ("affine", "invconv")])
+def test_a_whole_step_keeps_reduced_precision_inside_the_networks(coupling, permutation):
+    model, x, y = perturbed_glow(coupling, permutation=permutation)
     optimizer = adam(model.parameters(), lr=1e-3)
     grads_seen, handles = flow_gradient_dtypes(model)
     x = x.requires_grad_()  # so that the first step's backward hook fires too
@@ -142,6 +145,33 @@ def test_a_whole_step_keeps_reduced_precision_inside_the_networks(coupling):
     optimizer.step()
     state = [t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
     assert state and all(t.dtype == torch.float32 for t in state)
+
+
+@pytest.mark.parametrize("shape", [(16, 12), (16, 12, 1, 1), (4, 12, 7), (2, 12, 3, 5)])
+def test_ops_give_the_same_bits_under_autocast(shape):
+    """Autocast does not reach inside the ops: with one position per sample their passes are GEMMs,
+    which autocast would otherwise run in bfloat16."""
+    from glow_ext.invconv import ActNormInvConv
+
+    torch.manual_seed(0)
+    layer = ActNormInvConv(shape[1])
+    x = torch.randn(shape)
+    with torch.no_grad():
+        layer(x)
+        for p in layer.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    results = []
+    for enabled in (False, True):
+        layer.zero_grad(set_to_none=True)
+        xg = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+            y, logdet = layer(xg)
+            x_back = layer.reverse(y.detach())
+        (y.square().sum() + logdet.sum()).backward()
+        results.append([y, logdet, x_back, xg.grad] + [p.grad for p in layer.parameters() if p.grad is not None])
+    for plain, autocast in zip(*results):
+        assert autocast.dtype == plain.dtype == torch.float32
+        assert torch.equal(autocast, plain)
 
 
 def test_the_watch_catches_a_reduced_precision_log_determinant(monkeypatch):
