@@ -268,6 +268,22 @@ def test_trainer_bf16_on_the_cpu(tmp_path, capsys):
     assert (tmp_path / "s.png").is_file()
 
 
+@pytest.mark.compile
+def test_trainer_compiled_and_reversible_steps_under_bf16_give_the_eager_losses(tmp_path):
+    """--amp bf16 with --compile (Inductor, under the same autocast) and with --reversible (which
+    replays the autocast state when it recomputes): the eager bf16 run's losses, up to the
+    bfloat16 rounding that fused kernels and recomputation may order differently."""
+    common = [*TRAIN, "--amp", "bf16", "--dropout", "0", "--steps", "3", "--eval-every", "3"]
+    losses = {}
+    for name, extra in (("eager", []), ("compiled", ["--compile"]), ("reversible", ["--reversible"])):
+        assert main([*common, *extra, "--out", str(tmp_path / name)]) == 0
+        losses[name] = {r["step"]: r["loss"] for r in records(tmp_path / name, "train")}
+    for name in ("compiled", "reversible"):
+        assert sorted(losses[name]) == [1, 2, 3]
+        for step, loss in losses["eager"].items():
+            assert abs(losses[name][step] - loss) <= 2e-3 * abs(loss), (name, step)
+
+
 def test_trainer_refuses_fp16_on_the_cpu(tmp_path, capsys):
     assert main([*TRAIN, "--amp", "fp16", "--steps", "1", "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err

@@ -19,7 +19,7 @@ float32, as max |x_back - x| / max |x|.
 The GEMM rate is measured in float32 and in the autocast dtype in the same run; each step's
 roofline fraction is its convolution flops (torch.utils.flop_counter) at the rate of the dtype its
 convolutions run in, over its measured time. Writes amp-<device>.json under --out; --update-readme
-fills the results page's amp section.
+fills the amp-<device> section of docs/mixed-precision.md.
 """
 from __future__ import annotations
 
@@ -207,7 +207,7 @@ def run(args, stream=None):
 
 
 def update_docs(report, path, readme=None):
-    readme = Path(readme or bench_report.default_readme())
+    readme = Path(readme or bench_report.default_readme().with_name("mixed-precision.md"))
     link = os.path.relpath(path, readme.parent)
     bench_report.update_readme(readme, f"amp-{report['device']}", "\n".join(markdown(report, link)))
 
@@ -312,9 +312,10 @@ def add_arguments(parser):
                         help="torch.compile backend of the compiled methods (default inductor; "
                              "aot_eager with --quick)")
     parser.add_argument("--update-readme", action="store_true",
-                        help="replace the results page's <!-- bench:amp-<device>:begin/end --> section")
+                        help="replace the <!-- bench:amp-<device>:begin/end --> section of "
+                             "docs/mixed-precision.md (full results only)")
     parser.add_argument("--readme", type=Path, default=None,
-                        help="page to update (default: the checkout's docs/performance.md)")
+                        help="page to update (default: the checkout's docs/mixed-precision.md)")
 
 
 def run_command(args):
