@@ -19,10 +19,10 @@ def evaluate_bpd(model: nn.Module, dataset: gdata.LevelsDataset, device: torch.d
                  batch_size: int = 512, conditional: bool = False, amp: str = "none",
                  ctx: DistContext = DistContext(),
                  stop: Optional[Callable[[], bool]] = None) -> Optional[float]:
-    """Mean bits/dim over `dataset` with a fixed dequantization noise, under the autocast mode `amp`
-    (the trainer's test bpd always uses "none": model selection in full precision) (the same in every run and
+    """Mean bits/dim over `dataset` with a fixed dequantization noise (the same in every run and
     for any number of processes: batch b uses seed EVAL_NOISE_SEED + b; under torchrun batch b
-    runs on rank b % world_size and the sums are all-reduced).
+    runs on rank b % world_size and the sums are all-reduced), the networks under the autocast mode
+    `amp` (the trainer's test bpd always uses "none": best.pt is chosen in full precision).
 
     stop: asked after every round of batches (one per process); when it says so (on any process:
     under torchrun the answers are all-reduced, so all processes agree) the evaluation is abandoned
