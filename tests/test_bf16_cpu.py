@@ -7,14 +7,15 @@ most the one rounding (the float32 op and the reference differ by a few float32 
 move a value across a bfloat16 rounding boundary: one bfloat16 ulp, 2^-8 relative).
 
 Two call patterns of the coupling op: the autocast case (float32 flow state x_b, bfloat16 network
-output h) and all-bfloat16. Log-determinants are float32 in both.
+output h) and all-bfloat16. The 1x1 op takes bfloat16 x with float32 parameters (or bfloat16 ones,
+as on CUDA). Log-determinants are float32 throughout.
 """
 import pytest
 import torch
 
-from glow_ext import coupling_ops, reference
+from glow_ext import coupling_ops, ops, reference
 
-from conftest import assert_rel_close, requires_cuda
+from conftest import DIFF_PARAM_NAMES, PARAM_NAMES, assert_rel_close, cast_params, make_params, requires_cuda
 
 pytestmark = pytest.mark.skipif(not coupling_ops.kernels_available(),
                                 reason="the compiled extension is not built")
@@ -308,3 +309,154 @@ def test_coupling_cuda_float32_x_with_16_bit_h(h_dtype):
     grad_x32, grad_h32 = torch.ops.glow_ext.affine_coupling_backward(grad, grad_logdet, x_b, h.float())
     assert_bitwise(grad_x, grad_x32, "grad_x_b")
     assert_bitwise(grad_h, grad_h32.to(h_dtype), "grad_h")
+
+
+# ----------------------------------------------------------------------------------------------
+# the 1x1 op: bfloat16 x with float32 parameters, float32 maps, logdet and parameter gradients
+# ----------------------------------------------------------------------------------------------
+
+# The CPU's paths for an image: the direct channel mix (the one-sweep backward at C <= 32, the
+# GEMM backward above), the factored path (C > 192, fewer pixels than C), the GEMM channel mix
+# (C > 512), a sequence, and (N, C) feature vectors.
+INVCONV_SHAPES = [
+    pytest.param((4, 12, 8, 8), id="direct-C12"),
+    pytest.param((2, 48, 5, 7), id="direct-C48-ragged"),
+    pytest.param((2, 256, 3, 3), id="factored-C256"),
+    pytest.param((1, 520, 24, 24), id="gemm-C520"),
+    pytest.param((3, 5, 7), id="sequence"),
+    pytest.param((6, 10), id="features"),
+]
+
+
+def invconv_inputs(shape, param_dtype=torch.float32):
+    x = (torch.randn(shape, dtype=torch.float64) + 0.5).to(BF16)
+    return x, make_params(shape[1], dtype=param_dtype)
+
+
+def assert_within_one_ulp(actual, expected32, what):
+    """actual is one of the two bfloat16 neighbours of expected32: its rounding after float32
+    arithmetic in another order (which may cross a rounding boundary)."""
+    ulp = torch.exp2(torch.floor(torch.log2(expected32.abs())) - 7)
+    assert actual.dtype == BF16 and ((actual.float() - expected32).abs() <= ulp).all(), what
+
+
+@pytest.mark.parametrize("shape", INVCONV_SHAPES)
+def test_invconv_forward_and_inverse_are_float32_rounded_once(shape):
+    """Bit for bit where the bfloat16 op runs the float32 op's arithmetic; for (N, C) input the
+    float32 op takes a GEMM and the bfloat16 op the channel-mix loop: within one ulp there."""
+    x, params = invconv_inputs(shape)
+    y, logdet = ops.actnorm_invconv_lu(x, *params)
+    y32, logdet32 = ops.actnorm_invconv_lu(x.float(), *params)
+    x_back = ops.actnorm_invconv_lu_inverse(x, *params)
+    x_back32 = ops.actnorm_invconv_lu_inverse(x.float(), *params)
+    assert y.is_contiguous() and logdet.dtype == torch.float32
+    assert_bitwise(logdet, logdet32, "logdet")
+    if len(shape) > 2:
+        assert_bitwise(y, y32.to(BF16), "y")
+        assert_bitwise(x_back, x_back32.to(BF16), "inverse")
+    else:
+        assert_within_one_ulp(y, y32, "y")
+        assert_within_one_ulp(x_back, x_back32, "inverse")
+    y_ref, logdet_ref = reference.actnorm_invconv_lu(x, *params)
+    assert_rel_close(y, y_ref, BF16_TOL, "y vs reference")
+    assert_rel_close(logdet, logdet_ref, 4e-6, "logdet vs reference")
+
+
+def _invconv_grads(op, x, params, grad_outputs):
+    leaves = [x.detach().requires_grad_()] + [
+        p.detach().requires_grad_(name in DIFF_PARAM_NAMES) for name, p in zip(PARAM_NAMES, params)]
+    outputs = op(*leaves)
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    names = ("x",) + tuple(name for name in PARAM_NAMES if name in DIFF_PARAM_NAMES)
+    return dict(zip(names, torch.autograd.grad(
+        outputs, [t for t in leaves if t.requires_grad], grad_outputs[:len(outputs)])))
+
+
+@pytest.mark.parametrize("direction", ["forward", "inverse"])
+@pytest.mark.parametrize("shape", INVCONV_SHAPES)
+def test_invconv_gradients_dtypes_and_values(shape, direction):
+    """dL/dx in bfloat16 within one rounding of float32's, the parameter gradients float32. They
+    are sums of products of bfloat16-exact values in float32 for the forward op; the inverse op's
+    read its dL/dy output after the rounding, hence bfloat16's tolerance."""
+    op = ops.actnorm_invconv_lu if direction == "forward" else ops.actnorm_invconv_lu_inverse
+    x, params = invconv_inputs(shape)
+    grad_outputs = [torch.randn(shape).to(BF16), torch.randn(())]
+    grads = _invconv_grads(op, x, params, grad_outputs)
+    grads32 = _invconv_grads(op, x.float(), params, [grad_outputs[0].float(), grad_outputs[1]])
+    assert grads["x"].dtype == BF16
+    assert_rel_close(grads["x"], grads32["x"], BF16_TOL, "grad x")
+    for name in ("bias", "logs", "lower", "upper", "log_s"):
+        assert grads[name].dtype == torch.float32, name
+        assert_rel_close(grads[name], grads32[name], 1e-5 if direction == "forward" else BF16_TOL,
+                         f"grad {name}")
+
+
+def test_invconv_bfloat16_parameters():
+    """bfloat16 parameters with bfloat16 x, as on CUDA: the maps and logdet are still float32."""
+    shape = (3, 16, 6, 6)
+    x, params = invconv_inputs(shape, BF16)
+    params32 = cast_params(params, torch.float32)
+    y, logdet = ops.actnorm_invconv_lu(x, *params)
+    assert y.dtype == BF16 and logdet.dtype == torch.float32
+    y32, logdet32 = ops.actnorm_invconv_lu(x.float(), *params32)
+    assert_within_one_ulp(y, y32, "y")  # the map folded by ATen, not the float32 parameters' loops
+    torch.testing.assert_close(logdet, logdet32, rtol=1e-6, atol=1e-5)
+    assert_rel_close(ops.actnorm_invconv_lu_inverse(y, *params),
+                     reference.actnorm_invconv_lu_inverse(y, *params32), BF16_TOL, "inverse")
+    grads = _invconv_grads(ops.actnorm_invconv_lu, x, params, [torch.randn(shape).to(BF16), torch.randn(())])
+    assert all(grads[name].dtype == BF16 for name in ("x", "bias", "logs", "lower", "upper", "log_s"))
+
+
+def test_channel_map_is_float32_rounded_once():
+    x = (torch.randn(3, 20, 9, 7) - 0.2).to(BF16)
+    weight, offset = torch.randn(20, 20) / 5, torch.randn(20)
+    y = ops.channel_map(x, weight, offset)
+    assert_bitwise(y, ops.channel_map(x.float(), weight, offset).to(BF16), "y")
+
+
+def test_invconv_empty_tensors():
+    x, params = invconv_inputs((2, 6, 3, 3))
+    for empty in (x[:0], x[:, :, :0]):
+        y, logdet = ops.actnorm_invconv_lu(empty, *params)
+        assert y.shape == empty.shape and y.dtype == BF16 and logdet.dtype == torch.float32
+        assert ops.actnorm_invconv_lu_inverse(empty, *params).dtype == BF16
+        assert ops.channel_map(empty, torch.eye(6), torch.zeros(6)).dtype == BF16
+        grads = _invconv_grads(ops.actnorm_invconv_lu, empty, params, [torch.randn(empty.shape).to(BF16), torch.randn(())])
+        assert grads["x"].dtype == BF16 and grads["x"].shape == empty.shape
+
+
+@pytest.mark.parametrize("shape", [(2, 6, 3, 4), (2, 200, 2, 2)], ids=["folded", "factored"])
+def test_invconv_opcheck(shape):
+    x, params = invconv_inputs(shape)
+    differentiable = [x.requires_grad_()] + [
+        p.requires_grad_(name in DIFF_PARAM_NAMES) for name, p in zip(PARAM_NAMES, params)]
+    glow = torch.ops.glow_ext
+    for op in (glow.actnorm_invconv_lu, glow.actnorm_invconv_lu_inverse, glow._actnorm_invconv_lu_train,
+               glow._actnorm_invconv_lu_inverse_train):
+        torch.library.opcheck(op.default, tuple(differentiable))
+    plain = [t.detach() for t in differentiable]
+    grad = torch.randn(shape).to(BF16)
+    torch.library.opcheck(glow.actnorm_invconv_lu_backward.default, (grad, torch.randn(()), *plain))
+    torch.library.opcheck(glow.actnorm_invconv_lu_inverse_backward.default, (grad, *plain))
+    torch.library.opcheck(glow.channel_map.default, (plain[0], torch.randn(shape[1], shape[1]), torch.randn(shape[1])))
+
+
+@pytest.mark.compile
+def test_invconv_torch_compile_matches_eager():
+    x, params = invconv_inputs((3, 8, 5, 5))
+
+    def loss_fn(x, *params):
+        y, logdet = ops.actnorm_invconv_lu(x, *params)
+        x_back = ops.actnorm_invconv_lu_inverse(torch.tanh(y), *params)
+        return y.float().square().mean() - logdet + x_back.float().square().mean()
+
+    compiled = torch.compile(loss_fn, fullgraph=True)
+    results = []
+    for fn in (loss_fn, compiled):
+        leaves = [x.clone().requires_grad_()] + [
+            p.clone().requires_grad_(name in DIFF_PARAM_NAMES) for name, p in zip(PARAM_NAMES, params)]
+        loss = fn(*leaves)
+        results.append((loss.detach(), *torch.autograd.grad(loss, [t for t in leaves if t.requires_grad])))
+    for eager, traced in zip(*results):  # as for the coupling: inductor's fused bfloat16 tanh
+        assert traced.dtype == eager.dtype
+        assert_rel_close(traced, eager, 4 * BF16_TOL, "compiled vs eager")
