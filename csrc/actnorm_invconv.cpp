@@ -66,7 +66,8 @@ void check_permutation(const char* op, const at::Tensor& perm) {
 void check_finite_log_s(const char* op, const at::Tensor& log_s) {
   if (!log_s.is_cpu()) return;  // same reason as the permutation check
   const auto values = log_s.contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "glow_ext_check_log_s", [&] {
+  const auto type = values.scalar_type();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, type, "glow_ext_check_log_s", [&] {
     const scalar_t* v = values.const_data_ptr<scalar_t>();
     for (int64_t i = 0; i < values.numel(); ++i) {
       TORCH_CHECK(std::isfinite(v[i]), op, ": `log_s` must be finite, but log_s[", i, "] = ", v[i],
@@ -173,7 +174,8 @@ at::Tensor logdet_of(const LUParams& p, int64_t positions) {
   if (p.logs.is_cpu()) {
     // Four tiny ATen launches would cost more than the whole forward pass at small C.
     const auto logs = p.logs.contiguous(), log_s = p.log_s.contiguous();
-    return AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logs.scalar_type(), "glow_ext_logdet", [&] {
+    const auto type = logs.scalar_type();
+    return AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, type, "glow_ext_logdet", [&] {
       double total = 0;
       for (int64_t i = 0; i < logs.numel(); ++i) {
         total += static_cast<double>(logs.const_data_ptr<scalar_t>()[i]) +

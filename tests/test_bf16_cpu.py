@@ -147,8 +147,10 @@ def _reference_grads(fn, inputs, grad_outputs):
 def test_coupling_autograd_dtypes_and_values(direction, x_dtype, h_dtype):
     """Gradients come back in their inputs' dtypes (x_b's, h's) and match float32's within the
     one rounding."""
-    op, ref = {"forward": (coupling_ops.affine_coupling, reference.affine_coupling),
-               "inverse": (coupling_ops.affine_coupling_inverse, reference.affine_coupling_inverse)}[direction]
+    op, ref = {
+        "forward": (coupling_ops.affine_coupling, reference.affine_coupling),
+        "inverse": (coupling_ops.affine_coupling_inverse, reference.affine_coupling_inverse),
+    }[direction]
     x_b, h = coupling_inputs((4, 6, 8, 8), x_dtype, h_dtype)
     x_b.requires_grad_()
     h.requires_grad_()
@@ -232,7 +234,8 @@ def test_coupling_opcheck(x_dtype, h_dtype):
     torch.library.opcheck(ops.affine_coupling.default, (x_b.requires_grad_(), h.requires_grad_()))
     torch.library.opcheck(ops.affine_coupling_inverse.default, (x_b, h))
     grad = torch.randn(x_b.shape).to(x_dtype)
-    torch.library.opcheck(ops.affine_coupling_backward.default, (grad, torch.randn(2), x_b.detach(), h.detach()))
+    torch.library.opcheck(ops.affine_coupling_backward.default,
+                          (grad, torch.randn(2), x_b.detach(), h.detach()))
     torch.library.opcheck(ops.affine_coupling_inverse_backward.default, (grad, x_b.detach(), h.detach()))
 
 
@@ -421,7 +424,8 @@ def test_invconv_empty_tensors():
         assert y.shape == empty.shape and y.dtype == BF16 and logdet.dtype == torch.float32
         assert ops.actnorm_invconv_lu_inverse(empty, *params).dtype == BF16
         assert ops.channel_map(empty, torch.eye(6), torch.zeros(6)).dtype == BF16
-        grads = _invconv_grads(ops.actnorm_invconv_lu, empty, params, [torch.randn(empty.shape).to(BF16), torch.randn(())])
+        grad_outputs = [torch.randn(empty.shape).to(BF16), torch.randn(())]
+        grads = _invconv_grads(ops.actnorm_invconv_lu, empty, params, grad_outputs)
         assert grads["x"].dtype == BF16 and grads["x"].shape == empty.shape
 
 
@@ -438,7 +442,8 @@ def test_invconv_opcheck(shape):
     grad = torch.randn(shape).to(BF16)
     torch.library.opcheck(glow.actnorm_invconv_lu_backward.default, (grad, torch.randn(()), *plain))
     torch.library.opcheck(glow.actnorm_invconv_lu_inverse_backward.default, (grad, *plain))
-    torch.library.opcheck(glow.channel_map.default, (plain[0], torch.randn(shape[1], shape[1]), torch.randn(shape[1])))
+    torch.library.opcheck(glow.channel_map.default,
+                          (plain[0], torch.randn(shape[1], shape[1]), torch.randn(shape[1])))
 
 
 @pytest.mark.compile
