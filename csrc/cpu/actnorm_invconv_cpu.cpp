@@ -568,8 +568,16 @@ bool mix_outer_cpu(const at::Tensor& src, const at::Tensor& weight_in, const at:
                    bool outer_of_out, at::Tensor& out, at::Tensor& grad_folded,
                    at::Tensor& grad_offset) {
   const int64_t N = x.size(0), C = x.size(1), M = positions_per_sample(x);
-  // bfloat16: the generic channel mix and GEMM, whose sums read dL/dx widened to float32.
-  if (C > kMixOuterMaxChannels || x.scalar_type() == at::kBFloat16) return false;
+  if (C > kMixOuterMaxChannels) return false;
+  if (x.scalar_type() == at::kBFloat16) {
+    // The float32 sweep on widened copies (two cheap passes against the sweep's C² per pixel);
+    // `out` is rounded once, after the sums have read it.
+    at::Tensor out32;
+    mix_outer_cpu(src.to(at::kFloat), weight_in, x.to(at::kFloat), outer_of_out, out32, grad_folded,
+                  grad_offset);
+    out = out32.to(at::kBFloat16);
+    return true;
+  }
   const auto weight = weight_in.contiguous();
   out = at::empty_like(src, at::MemoryFormat::Contiguous);
   auto total = at::zeros({C * C + C}, x.options());
