@@ -5,6 +5,8 @@
 // AVX2+FMA and baseline x86-64, picked at run time; past kDirectMaxChannels, GEMMs. The C x C work
 // around them (weight fold, inverse map, chain rule) is SIMD loops too: they skip the zero triangles
 // a dense GEMM multiplies (a third of its flops) and the ~20 ATen launches of the generic version.
+// A bfloat16 image is mixed in float32 tile by tile (widened, mixed, each output rounded once, see
+// bfloat16_cpu.h); the maps, sums and parameter gradients are float32 as for float32 input.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
