@@ -38,6 +38,15 @@ void check_rank_and_channels(const char* op, const char* input_name, const at::T
 
 bool is_reduced_float(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; }
 
+// The image's dtype: float32 or float64, or bfloat16 (computed in float32); float16 on CUDA only.
+void check_image_dtype(const char* op, const char* input_name, const at::Tensor& x) {
+  const auto x_type = x.scalar_type();
+  TORCH_CHECK(x_type == at::kFloat || x_type == at::kDouble || x_type == at::kBFloat16 ||
+                  (x.is_cuda() && x_type == at::kHalf),
+              op, ": `", input_name, "` must be float32, float64 or bfloat16",
+              x.is_cuda() ? " (or float16)" : " on the CPU (float16 needs CUDA)", ", got ", x_type);
+}
+
 // Validates perm on the host for CPU tensors only: for device tensors it would cost a host
 // synchronisation per call, so there the backend checks it on the device (validate_permutation).
 void check_permutation(const char* op, const at::Tensor& perm) {
@@ -57,7 +66,8 @@ void check_permutation(const char* op, const at::Tensor& perm) {
 void check_finite_log_s(const char* op, const at::Tensor& log_s) {
   if (!log_s.is_cpu()) return;  // same reason as the permutation check
   const auto values = log_s.contiguous();
-  AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "glow_ext_check_log_s", [&] {
+  const auto type = values.scalar_type();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, type, "glow_ext_check_log_s", [&] {
     const scalar_t* v = values.const_data_ptr<scalar_t>();
     for (int64_t i = 0; i < values.numel(); ++i) {
       TORCH_CHECK(std::isfinite(v[i]), op, ": `log_s` must be finite, but log_s[", i, "] = ", v[i],
@@ -160,19 +170,20 @@ ChannelMap fold_inverse_generic(const AccParams& a, const at::Tensor& perm) {
 // The log-determinant accumulates in float32 (float64 for float64 parameters) and is returned in
 // that dtype: M·Σ in float16 parameters would round every term and overflow past 65504.
 at::Tensor logdet_of(const LUParams& p, int64_t positions) {
+  const auto acc = p.logs.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   if (p.logs.is_cpu()) {
     // Four tiny ATen launches would cost more than the whole forward pass at small C.
     const auto logs = p.logs.contiguous(), log_s = p.log_s.contiguous();
-    return AT_DISPATCH_FLOATING_TYPES(logs.scalar_type(), "glow_ext_logdet", [&] {
+    const auto type = logs.scalar_type();
+    return AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, type, "glow_ext_logdet", [&] {
       double total = 0;
       for (int64_t i = 0; i < logs.numel(); ++i) {
         total += static_cast<double>(logs.const_data_ptr<scalar_t>()[i]) +
                  static_cast<double>(log_s.const_data_ptr<scalar_t>()[i]);
       }
-      return at::scalar_tensor(total * static_cast<double>(positions), logs.options());
+      return at::scalar_tensor(total * static_cast<double>(positions), logs.options().dtype(acc));
     });
   }
-  const auto acc = p.logs.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   return (p.logs.sum(acc) + p.log_s.sum(acc)) * static_cast<double>(positions);
 }
 
@@ -403,11 +414,7 @@ void check_inputs(const Backend& backend, const char* op, const char* input_name
   check_rank_and_channels(op, input_name, x);
   const int64_t C = x.size(1);
   const auto x_type = x.scalar_type();
-  TORCH_CHECK(x_type == at::kFloat || x_type == at::kDouble ||
-                  (x.is_cuda() && is_reduced_float(x_type)),
-              op, ": `", input_name, "` must be float32 or float64",
-              x.is_cuda() ? " (or float16/bfloat16)" : " on the CPU (float16/bfloat16 need CUDA)",
-              ", got ", x_type);
+  check_image_dtype(op, input_name, x);
 
   const std::pair<const char*, const at::Tensor*> named[] = {
       {"bias", &p.bias},   {"logs", &p.logs},   {"perm", &p.perm},     {"lower", &p.lower},
@@ -507,11 +514,7 @@ at::Tensor channel_map(const Backend& backend, const at::Tensor& x_in, const at:
   check_rank_and_channels(op, "x", x_in);
   const int64_t C = x_in.size(1);
   const auto x_type = x_in.scalar_type();
-  TORCH_CHECK(x_type == at::kFloat || x_type == at::kDouble ||
-                  (x_in.is_cuda() && is_reduced_float(x_type)),
-              op, ": `x` must be float32 or float64",
-              x_in.is_cuda() ? " (or float16/bfloat16)" : " on the CPU (float16/bfloat16 need CUDA)",
-              ", got ", x_type);
+  check_image_dtype(op, "x", x_in);
   check_matrix(op, "weight", weight, C);
   check_vector(op, "offset", offset, C);
   const auto acc = accumulation_dtype(x_in);

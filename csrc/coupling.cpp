@@ -10,7 +10,7 @@ constexpr const char* kInverseOp = "glow_ext::affine_coupling_inverse";
 constexpr const char* kBackwardOp = "glow_ext::affine_coupling_backward";
 constexpr const char* kInverseBackwardOp = "glow_ext::affine_coupling_inverse_backward";
 
-// The dtype the kernels accumulate in, and the logdet's.
+// The dtype the kernels accumulate in, and the logdet's: the input's (x_b or y_b), not h's.
 at::ScalarType logdet_dtype(const at::Tensor& t) {
   return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
@@ -20,7 +20,9 @@ void check_floating(const char* op, const char* name, const at::Tensor& t) {
               t.scalar_type());
 }
 
-// The input half and h: 4-D, one floating dtype the device supports, one device, h = (N, 2C, H, W).
+// The input half and h: 4-D, floating dtypes the device supports, one device, h = (N, 2C, H, W).
+// h has the input's dtype, or is 16-bit with float32 input (a bfloat16 network output under
+// autocast, applied to the float32 flow state without a widened copy).
 void check_input_and_h(const char* op, const char* input_name, const at::Tensor& input,
                        const at::Tensor& h) {
   TORCH_CHECK(input.dim() == 4, op, ": `", input_name, "` must be 4-D (N, C, H, W), got shape ",
@@ -30,11 +32,15 @@ void check_input_and_h(const char* op, const char* input_name, const at::Tensor&
   check_floating(op, "h", h);
   TORCH_CHECK(h.device() == input.device(), op, ": `h` is on ", h.device(), " but `", input_name,
               "` is on ", input.device(), "; both must be on one device");
-  TORCH_CHECK(h.scalar_type() == input.scalar_type(), op, ": `h` has dtype ", h.scalar_type(),
-              " but `", input_name, "` has dtype ", input.scalar_type(), "; both must have one dtype");
-  const auto dtype = input.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || input.is_cuda(), op, ": dtype ", dtype,
-              " is supported on CUDA only; on the CPU use float32 or float64");
+  const auto dtype = input.scalar_type(), h_dtype = h.scalar_type();
+  const bool narrow_h = h_dtype == at::kBFloat16 || h_dtype == at::kHalf;
+  TORCH_CHECK(h_dtype == dtype || (dtype == at::kFloat && narrow_h), op, ": `h` has dtype ", h_dtype,
+              " but `", input_name, "` has dtype ", dtype, "; `h` must have the dtype of `",
+              input_name, "`, or be float16/bfloat16 with a float32 `", input_name, "`");
+  for (const auto t : {dtype, h_dtype}) {
+    TORCH_CHECK(t != at::kHalf || input.is_cuda(), op, ": dtype ", t,
+                " is supported on CUDA only; on the CPU use float32, float64 or bfloat16");
+  }
   TORCH_CHECK(h.size(1) % 2 == 0, op,
               ": `h` must have an even number of channels (shifts, then scale logits), got ",
               h.size(1));

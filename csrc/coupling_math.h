@@ -149,33 +149,37 @@ GLOW_HD CouplingGrads<T> coupling_inverse_backward(T g, T y, const ScaleParts<T>
 enum class CouplingMode { kForward, kInverse, kBackward, kInverseBackward };
 
 // One sample's rows of a call: `size` = C·H·W elements each, contiguous. Inputs may sit at any
-// sample stride (channel slices of a larger tensor need no copy); outputs are contiguous.
-template <typename scalar_t, typename acc_t>
+// sample stride (channel slices of a larger tensor need no copy); outputs are contiguous. h may be
+// narrower than the input (a 16-bit network output applied to the float32 flow state).
+template <typename input_t, typename h_t, typename acc_t>
 struct SampleRows {
-  const scalar_t* input;  // x_b (forward, backward) or y_b (inverse, inverse backward)
-  const scalar_t* shift;  // h's first half
-  const scalar_t* logit;  // h's second half
-  const scalar_t* grad;   // backward modes: dL/d(output of the differentiated op)
-  acc_t grad_logdet;      // kBackward: the sample's dL/dlogdet
-  scalar_t* out;          // y_b, x_b, or dL/d(input)
-  scalar_t* grad_shift;   // backward modes: dL/dh, first half
-  scalar_t* grad_logit;   // backward modes: dL/dh, second half
+  const input_t* input;  // x_b (forward, backward) or y_b (inverse, inverse backward)
+  const h_t* shift;      // h's first half
+  const h_t* logit;      // h's second half
+  const input_t* grad;   // backward modes: dL/d(output of the differentiated op)
+  acc_t grad_logdet;     // kBackward: the sample's dL/dlogdet
+  input_t* out;          // y_b, x_b, or dL/d(input)
+  h_t* grad_shift;       // backward modes: dL/dh, first half
+  h_t* grad_logit;       // backward modes: dL/dh, second half
 };
 
 // A call's tensors as raw pointers and sample strides (outputs are contiguous: per_sample elements per
 // sample for `out`, 2·per_sample for `grad_h`). Pointers a mode does not use are null.
-template <typename scalar_t, typename acc_t>
+template <typename input_t, typename h_t, typename acc_t>
 struct CouplingPointers {
-  const scalar_t *input, *h, *grad;
+  const input_t* input;
+  const h_t* h;
+  const input_t* grad;
   const acc_t* grad_logdet;
-  scalar_t *out, *grad_h;
+  input_t* out;
+  h_t* grad_h;
   int64_t input_stride, h_stride, grad_stride;
   int64_t per_sample;  // C·H·W of x_b; not `half`, which is CUDA's 16-bit float type
 
   // Sample n's rows, starting at element `begin`.
-  GLOW_HD SampleRows<scalar_t, acc_t> rows(int64_t n, int64_t begin) const {
-    const scalar_t* h_n = h + n * h_stride + begin;
-    scalar_t* grad_h_n = grad_h ? grad_h + n * 2 * per_sample + begin : nullptr;
+  GLOW_HD SampleRows<input_t, h_t, acc_t> rows(int64_t n, int64_t begin) const {
+    const h_t* h_n = h + n * h_stride + begin;
+    h_t* grad_h_n = grad_h ? grad_h + n * 2 * per_sample + begin : nullptr;
     return {input + n * input_stride + begin,
             h_n,
             h_n + per_sample,
@@ -187,25 +191,26 @@ struct CouplingPointers {
   }
 };
 
-// Element i of a sample for any mode; returns the scale's parts so that the forward's caller can
-// reduce log sigmoid = negative_part - log(denom) in its own way.
-template <CouplingMode kMode, typename scalar_t, typename acc_t>
-GLOW_HD ScaleParts<acc_t> coupling_element(const SampleRows<scalar_t, acc_t>& r, int64_t i) {
+// Element i of a sample for any mode: every load widened to acc_t, the arithmetic in acc_t, each
+// store narrowed once. Returns the scale's parts so that the forward's caller can reduce
+// log sigmoid = negative_part - log(denom) in its own way.
+template <CouplingMode kMode, typename input_t, typename h_t, typename acc_t>
+GLOW_HD ScaleParts<acc_t> coupling_element(const SampleRows<input_t, h_t, acc_t>& r, int64_t i) {
   const acc_t t = static_cast<acc_t>(r.shift[i]);
   const ScaleParts<acc_t> parts = scale_parts(static_cast<acc_t>(r.logit[i]));
   const acc_t v = static_cast<acc_t>(r.input[i]);
   if constexpr (kMode == CouplingMode::kForward) {
-    r.out[i] = static_cast<scalar_t>(coupling_forward(v, t, parts));
+    r.out[i] = static_cast<input_t>(coupling_forward(v, t, parts));
   } else if constexpr (kMode == CouplingMode::kInverse) {
-    r.out[i] = static_cast<scalar_t>(coupling_inverse(v, t, parts));
+    r.out[i] = static_cast<input_t>(coupling_inverse(v, t, parts));
   } else {
     const acc_t g = static_cast<acc_t>(r.grad[i]);
     const CouplingGrads<acc_t> grads = kMode == CouplingMode::kBackward
                                            ? coupling_backward(g, r.grad_logdet, v, t, parts)
                                            : coupling_inverse_backward(g, v, parts);
-    r.out[i] = static_cast<scalar_t>(grads.input);
-    r.grad_shift[i] = static_cast<scalar_t>(grads.shift);
-    r.grad_logit[i] = static_cast<scalar_t>(grads.logit);
+    r.out[i] = static_cast<input_t>(grads.input);
+    r.grad_shift[i] = static_cast<h_t>(grads.shift);
+    r.grad_logit[i] = static_cast<h_t>(grads.logit);
   }
   return parts;
 }

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "actnorm_invconv.h"
+#include "cpu/bfloat16_cpu.h"
 #include "cuda_launch_plan.h"
 #include "glow_ext_math.h"
 
@@ -72,6 +73,21 @@ at::Tensor lu_weight_entries(const at::Tensor& perm, const at::Tensor& lower, co
   return w;
 }
 
+// src (float32, CPU) rounded to bfloat16 by the CPU kernels' rounding: the run-time choice, or the
+// portable one that CPUs without AVX512-BF16 use.
+at::Tensor round_to_bfloat16(const at::Tensor& src, bool portable) {
+  TORCH_CHECK(src.scalar_type() == at::kFloat, "_round_to_bfloat16: a float32 tensor");
+  const auto values = src.contiguous();
+  auto out = at::empty(values.sizes(), values.options().dtype(at::kBFloat16));
+  auto* dst = static_cast<glow_ext::cpu::BFloat16Bits*>(out.mutable_data_ptr());
+  if (portable) {
+    glow_ext::cpu::round_to_bfloat16_portable(values.const_data_ptr<float>(), dst, values.numel());
+  } else {
+    glow_ext::cpu::round_to_bfloat16(values.const_data_ptr<float>(), dst, values.numel());
+  }
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(glow_ext, m) {
@@ -131,9 +147,13 @@ TORCH_LIBRARY(glow_ext, m) {
   m.def("_build_info() -> str", &build_info);
   m.def("_factored_path_channels() -> int", &factored_path_channels);
   m.def("_lu_weight_entries(Tensor perm, Tensor lower, Tensor upper, Tensor log_s, Tensor sign_s) -> Tensor");
+  m.def("_round_to_bfloat16(Tensor src, bool portable) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(glow_ext, CPU, m) { m.impl("_lu_weight_entries", &lu_weight_entries); }
+TORCH_LIBRARY_IMPL(glow_ext, CPU, m) {
+  m.impl("_lu_weight_entries", &lu_weight_entries);
+  m.impl("_round_to_bfloat16", &round_to_bfloat16);
+}
 
 namespace {
 

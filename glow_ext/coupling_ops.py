@@ -11,9 +11,12 @@ is evaluated in its softplus form, finite at any finite logit. logdet is in the 
 the inverse); the backward passes are ops themselves. Outputs are contiguous; inputs whose samples
 are contiguous blocks (channel slices of an NCHW tensor) are read in place, others are copied.
 
-The kernels are `torch.ops.glow_ext.affine_coupling*` (CPU float32/float64; CUDA also float16 and
-bfloat16, accumulating in float32). Without them every function falls back, with a warning, to
-`glow_ext.reference`.
+dtypes: x_b (y_b) and h share one, or x_b is float32 and h is bfloat16 or float16 (the network's
+output under autocast, read without a float32 copy). The arithmetic is in the accumulation dtype
+whatever the storage; y_b (x_b) takes the input's dtype and dL/dh h's, each rounded once.
+
+The kernels are `torch.ops.glow_ext.affine_coupling*` (CPU float32, float64 and bfloat16; CUDA also
+float16). Without them every function falls back, with a warning, to `glow_ext.reference`.
 """
 import warnings
 
@@ -52,6 +55,9 @@ def affine_coupling_inverse(y_b, h):
     return torch.ops.glow_ext.affine_coupling_inverse(y_b, h)
 
 
+_NARROW_H_DTYPES = (torch.float16, torch.bfloat16)
+
+
 def _logdet_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -63,9 +69,10 @@ def _check_fake_args(op, input_name, x, h):
     if h.device != x.device:
         raise RuntimeError(f"{op}: `h` is on {h.device} but `{input_name}` is on {x.device}; both "
                            "must be on one device")
-    if h.dtype != x.dtype:
+    if h.dtype != x.dtype and not (x.dtype == torch.float32 and h.dtype in _NARROW_H_DTYPES):
         raise RuntimeError(f"{op}: `h` has dtype {h.dtype} but `{input_name}` has dtype {x.dtype}; "
-                           "both must have one dtype")
+                           f"`h` must have the dtype of `{input_name}`, or be float16/bfloat16 with "
+                           f"a float32 `{input_name}`")
     if not x.dtype.is_floating_point:
         raise RuntimeError(f"{op}: `{input_name}` must be a floating-point tensor, got {x.dtype}")
     n, c, height, width = x.shape

@@ -143,6 +143,16 @@ class _Coupling(nn.Module):
         return x_a, x_b, y_b, logdet
 
 
+def _as_coupling_input(h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The network output as the fused coupling op takes it: a bfloat16 h (float16 too on CUDA)
+    beside a float32 flow is widened by the op as it reads it, saving a float32 copy; any other
+    dtype is widened here."""
+    narrow = (torch.bfloat16, torch.float16) if h.is_cuda else (torch.bfloat16,)
+    if h.dtype == x.dtype or (x.dtype == torch.float32 and h.dtype in narrow):
+        return h
+    return h.to(x.dtype)
+
+
 class AffineCoupling(_Coupling):
     """h = NN(x_a) = (h_t, h_s); scale = sigmoid(h_s + 2), y_b = (x_b + h_t)·scale, y = (x_a, y_b),
     logdet = Σ log scale (N,). The arithmetic on x_b and h is the fused op
@@ -152,10 +162,10 @@ class AffineCoupling(_Coupling):
         super().__init__(num_channels, hidden_channels, out_per_active=2)
 
     def _transform(self, x_b, h):
-        return coupling_ops.affine_coupling(x_b, h.to(x_b.dtype))
+        return coupling_ops.affine_coupling(x_b, _as_coupling_input(h, x_b))
 
     def _untransform(self, y_b, h):
-        return coupling_ops.affine_coupling_inverse(y_b, h.to(y_b.dtype))
+        return coupling_ops.affine_coupling_inverse(y_b, _as_coupling_input(h, y_b))
 
 
 class AdditiveCoupling(_Coupling):

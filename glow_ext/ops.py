@@ -9,7 +9,8 @@ Conventions (see docs/design.md): x is (N, C, *spatial): (N, C), a sequence (N, 
 (N, C, H, W) or a volume; every op works per position. bias, logs, log_s, sign_s are (C,); perm is (C,) int64
 with P[i, j] = 1 iff j == perm[i]; only the strict lower part of `lower` and the strict upper part
 of `upper` are read. W = P·(I + strict_lower(lower))·(strict_upper(upper) + diag(sign_s·exp(log_s))).
-Parameters share one dtype, equal to x's (float32 parameters also serve float16/bfloat16 x on CUDA).
+Parameters share one dtype, equal to x's; float32 parameters also serve bfloat16 x (float16 x: CUDA only),
+which is then computed in float32 and rounded once per output.
 
 Argument checks raise RuntimeError naming the argument. Two checks would need a host
 synchronisation on CUDA and run on the CPU only: that `perm` is a permutation and that `log_s` is

@@ -77,7 +77,8 @@ def channel_map(x, weight, offset):
 
 def affine_coupling(x_b, h):
     """(y_b, logdet): shift, logit = h[:, :C], h[:, C:]; y_b = (x_b + shift)·sigmoid(logit + 2),
-    logdet (N,) = Σ log sigmoid(logit + 2) in the accumulation dtype."""
+    logdet (N,) = Σ log sigmoid(logit + 2) in x_b's accumulation dtype (h may be narrower: a
+    float16/bfloat16 h with float32 x_b, as the kernels accept)."""
     acc = accumulation_dtype(x_b)
     c = x_b.shape[1]
     log_scale = torch.nn.functional.logsigmoid(h[:, c:].to(acc) + 2.0)

@@ -251,7 +251,7 @@ BAD_INPUTS = [
     pytest.param(lambda x, h: (x, h[:1]), "must have shape \\(N, 2C, H, W\\)", id="h-batch"),
     pytest.param(lambda x, h: (x, h[..., :2]), "must have shape \\(N, 2C, H, W\\)", id="h-width"),
     pytest.param(lambda x, h: (x[0], h), "must be 4-D", id="x-3d"),
-    pytest.param(lambda x, h: (x, h.double()), "both must have one dtype", id="dtype-mix"),
+    pytest.param(lambda x, h: (x, h.double()), "`h` must have the dtype of", id="dtype-mix"),
     pytest.param(lambda x, h: (x.long(), h.long()), "must be a floating-point tensor", id="integer"),
     pytest.param(lambda x, h: (x.half(), h.half()), "supported on CUDA only", id="cpu-half"),
 ]

@@ -142,8 +142,8 @@ def _params_for(C, dtype, device):
 def test_direct_kernel_edge(C, dtype, device):
     """C = 64 is the last C of the direct CUDA kernels (fold and channel mix); 63 and 65 on either
     side. Forward, inverse and gradients against the float64 reference, in every dtype."""
-    if device == "cpu" and dtype in (torch.float16, torch.bfloat16):
-        pytest.skip("float16/bfloat16 need CUDA")
+    if device == "cpu" and dtype == torch.float16:
+        pytest.skip("float16 needs CUDA")
     params = _params_for(C, dtype, device)
     x = make_input((3, C, 5, 6), dtype=torch.float64, device=device).to(dtype)
     ref_params = cast_params(params, torch.float64)

@@ -875,9 +875,11 @@ def _bad_cases(C):
          r"`lower` is Double but `bias` is Float"),
         ("params-float64-x-float32", keep, lambda p: cast_params(p, torch.float64),
          r"the parameters are Double but `x` is Float"),
-        ("x-float16-on-cpu", lambda x: x.half(), keep, r"`x` must be float32 or float64 on the CPU"),
-        ("x-bfloat16-on-cpu", lambda x: x.bfloat16(), keep, r"float16/bfloat16 need CUDA"),
-        ("x-int", lambda x: x.to(torch.int32), keep, r"`x` must be float32 or float64"),
+        ("x-float16-on-cpu", lambda x: x.half(), keep,
+         r"`x` must be float32, float64 or bfloat16 on the CPU \(float16 needs CUDA\), got Half"),
+        ("params-bfloat16-x-float32", keep, lambda p: cast_params(p, torch.bfloat16),
+         r"the parameters are BFloat16 but `x` is Float"),
+        ("x-int", lambda x: x.to(torch.int32), keep, r"`x` must be float32, float64 or bfloat16"),
         ("perm-repeated", keep, perm_with([0, 0, 1]), r"`perm` must be a permutation of 0\.\.2, but perm\[1\] = 0 repeats"),
         ("perm-too-large", keep, perm_with([0, 3, 1]), r"`perm` must be a permutation.*perm\[1\] = 3 is out of range"),
         ("perm-negative", keep, perm_with([2, 0, -1]), r"`perm` must be a permutation.*perm\[2\] = -1 is out of range"),
@@ -1048,8 +1050,9 @@ def test_channel_map_empty_batch(device):
     (lambda x, w, o: (x, w, o[:4]), r"`offset` must have shape \(C,\) = \(5,\)"),
     (lambda x, w, o: (x, w.double(), o), r"`weight` must be Float \(the accumulation dtype of Float input\), got Double"),
     (lambda x, w, o: (x.double(), w, o.double()), r"`weight` must be Double"),
-    (lambda x, w, o: (x.half(), w, o), r"`x` must be float32 or float64 on the CPU"),
-    (lambda x, w, o: (x.int(), w, o), r"`x` must be float32 or float64"),
+    (lambda x, w, o: (x.half(), w, o), r"`x` must be float32, float64 or bfloat16 on the CPU \(float16 needs CUDA\)"),
+    (lambda x, w, o: (x.int(), w, o), r"`x` must be float32, float64 or bfloat16"),
+    (lambda x, w, o: (x.bfloat16(), w.bfloat16(), o), r"`weight` must be Float \(the accumulation dtype of BFloat16 input\)"),
 ])
 def test_channel_map_bad_inputs(bad, message):
     x, weight, offset = _channel_map_inputs((2, 5, 3, 3), torch.float32, "cpu")

@@ -5,6 +5,8 @@
 // AVX2+FMA and baseline x86-64, picked at run time; past kDirectMaxChannels, GEMMs. The C x C work
 // around them (weight fold, inverse map, chain rule) is SIMD loops too: they skip the zero triangles
 // a dense GEMM multiplies (a third of its flops) and the ~20 ATen launches of the generic version.
+// A bfloat16 image is mixed in float32 tile by tile (widened, mixed, each output rounded once, see
+// bfloat16_cpu.h); the maps, sums and parameter gradients are float32 as for float32 input.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -16,6 +18,7 @@
 
 #include "../actnorm_invconv.h"
 #include "../glow_ext_math.h"
+#include "bfloat16_cpu.h"
 
 namespace glow_ext {
 namespace {
@@ -115,6 +118,39 @@ GLOW_HD void mix_tiles(const MixArgs<scalar_t>& a, int64_t begin, int64_t end) {
   for (int64_t t = begin; t < end; ++t) {
     const int64_t p = (t % a.tiles_per_image) * tile;
     mix_span<scalar_t, kLaneBytes>(a, t / a.tiles_per_image, p, std::min(p + tile, a.pixels));
+  }
+}
+
+// A bfloat16 image's channel mix, computed in float32 (Wf and c are float32).
+struct BFloat16MixArgs {
+  const cpu::BFloat16Bits* x;
+  cpu::BFloat16Bits* y;
+  const float* weight;  // (C, C) row-major
+  const float* offset;  // (C,)
+  int64_t channels, pixels;  // positions per sample (M)
+  int64_t tiles_per_image;
+};
+
+// Tiles [begin, end) of a bfloat16 image: each tile is widened into `staging` (2·C·tile floats),
+// mixed there as a float32 image of one tile, and each output row rounded once into y.
+template <int kLaneBytes>
+GLOW_HD void mix_bfloat16_tiles(const BFloat16MixArgs& a, int64_t begin, int64_t end, float* staging) {
+  constexpr int64_t tile = kTileBytes / sizeof(float);
+  const int64_t C = a.channels;
+  float* x_tile = staging;
+  float* y_tile = staging + C * tile;
+  for (int64_t t = begin; t < end; ++t) {
+    const int64_t n = t / a.tiles_per_image, p = (t % a.tiles_per_image) * tile;
+    const int64_t width = std::min(tile, a.pixels - p);
+    const cpu::BFloat16Bits* x = a.x + n * C * a.pixels + p;
+    for (int64_t c = 0; c < C; ++c) {
+#pragma omp simd
+      for (int64_t i = 0; i < width; ++i) x_tile[c * width + i] = x[c * a.pixels + i];
+    }
+    const MixArgs<float> mix{x_tile, y_tile, a.weight, a.offset, C, width, 1};
+    mix_span<float, kLaneBytes>(mix, 0, 0, width);
+    cpu::BFloat16Bits* y = a.y + n * C * a.pixels + p;
+    for (int64_t c = 0; c < C; ++c) cpu::round_to_bfloat16(y_tile + c * width, y + c * a.pixels, width);
   }
 }
 
@@ -441,6 +477,10 @@ GLOW_HD void inverse_product_block(const InverseProduct& a, int64_t i0) {
   TARGET void mix_tiles_##SUFFIX(const MixArgs<scalar_t>& a, int64_t begin, int64_t end) {       \
     mix_tiles<scalar_t, LANE_BYTES>(a, begin, end);                                             \
   }                                                                                             \
+  TARGET void mix_bfloat16_tiles_##SUFFIX(const BFloat16MixArgs& a, int64_t begin, int64_t end,  \
+                                         float* staging) {                                      \
+    mix_bfloat16_tiles<LANE_BYTES>(a, begin, end, staging);                                     \
+  }                                                                                             \
   template <typename scalar_t>                                                                  \
   TARGET void outer_sums_##SUFFIX(const OuterArgs<scalar_t>& a, int64_t begin, int64_t end,     \
                                   scalar_t* out) {                                              \
@@ -481,11 +521,17 @@ Isa detect_isa() {
 
 const Isa kIsa = detect_isa();
 
+// Runs tiles [0, tasks) of pixel_bytes-sized pixels in parallel, run(begin, end) per range.
+template <typename RunFn>
+void parallel_tiles(int64_t channels, int64_t pixel_bytes, int64_t tasks, RunFn run) {
+  const int64_t flops_per_tile = 2 * channels * channels * (kTileBytes / pixel_bytes);
+  const int64_t grain = std::max<int64_t>(1, kMinFlopsPerTask / std::max<int64_t>(flops_per_tile, 1));
+  at::parallel_for(0, tasks, grain, run);
+}
+
 template <typename scalar_t>
 void mix_direct(const MixArgs<scalar_t>& a, int64_t tasks) {
-  const int64_t flops_per_tile = 2 * a.channels * a.channels * (kTileBytes / sizeof(scalar_t));
-  const int64_t grain = std::max<int64_t>(1, kMinFlopsPerTask / std::max<int64_t>(flops_per_tile, 1));
-  at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
+  parallel_tiles(a.channels, sizeof(scalar_t), tasks, [&](int64_t begin, int64_t end) {
     switch (kIsa) {
 #if defined(__x86_64__)
       case Isa::kAvx512: return mix_tiles_avx512(a, begin, end);
@@ -496,6 +542,28 @@ void mix_direct(const MixArgs<scalar_t>& a, int64_t tasks) {
   });
 }
 
+// y = Wf·x + c for a bfloat16 x, in float32, y rounded once.
+at::Tensor channel_mix_bfloat16(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& offset) {
+  const int64_t N = x.size(0), C = x.size(1), M = positions_per_sample(x);
+  auto y = at::empty_like(x, at::MemoryFormat::Contiguous);
+  constexpr int64_t tile = kTileBytes / sizeof(float);
+  const int64_t tiles = (M + tile - 1) / tile;
+  const BFloat16MixArgs args{static_cast<const cpu::BFloat16Bits*>(x.const_data_ptr()),
+                             static_cast<cpu::BFloat16Bits*>(y.mutable_data_ptr()),
+                             weight.const_data_ptr<float>(), offset.const_data_ptr<float>(), C, M, tiles};
+  parallel_tiles(C, sizeof(float), N * tiles, [&](int64_t begin, int64_t end) {
+    std::vector<float> staging(2 * C * tile);
+    switch (kIsa) {
+#if defined(__x86_64__)
+      case Isa::kAvx512: return mix_bfloat16_tiles_avx512(args, begin, end, staging.data());
+      case Isa::kAvx2: return mix_bfloat16_tiles_avx2(args, begin, end, staging.data());
+#endif
+      default: return mix_bfloat16_tiles_baseline(args, begin, end, staging.data());
+    }
+  });
+  return y;
+}
+
 constexpr int64_t kOuterChunkPixels = 4096;
 
 bool mix_outer_cpu(const at::Tensor& src, const at::Tensor& weight_in, const at::Tensor& x,
@@ -503,6 +571,15 @@ bool mix_outer_cpu(const at::Tensor& src, const at::Tensor& weight_in, const at:
                    at::Tensor& grad_offset) {
   const int64_t N = x.size(0), C = x.size(1), M = positions_per_sample(x);
   if (C > kMixOuterMaxChannels) return false;
+  if (x.scalar_type() == at::kBFloat16) {
+    // The float32 sweep on widened copies (two cheap passes against the sweep's C² per pixel);
+    // `out` is rounded once, after the sums have read it.
+    at::Tensor out32;
+    mix_outer_cpu(src.to(at::kFloat), weight_in, x.to(at::kFloat), outer_of_out, out32, grad_folded,
+                  grad_offset);
+    out = out32.to(at::kBFloat16);
+    return true;
+  }
   const auto weight = weight_in.contiguous();
   out = at::empty_like(src, at::MemoryFormat::Contiguous);
   auto total = at::zeros({C * C + C}, x.options());
@@ -545,9 +622,10 @@ at::Tensor channel_mix_cpu(const at::Tensor& x, const ChannelMap& map) {
   const auto offset = map.offset.contiguous();
   if (C > kDirectMaxChannels) {
     const auto y = at::baddbmm(offset.view({1, C, 1}).expand({N, C, M}), weight.expand({N, C, C}),
-                               x.view({N, C, M}));
-    return y.view(x.sizes());
+                               x.view({N, C, M}).to(weight.scalar_type()));
+    return y.view(x.sizes()).to(x.scalar_type());
   }
+  if (x.scalar_type() == at::kBFloat16) return channel_mix_bfloat16(x, weight, offset);
   auto y = at::empty_like(x, at::MemoryFormat::Contiguous);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "glow_ext_channel_mix_cpu", [&] {
     const int64_t tile = kTileBytes / sizeof(scalar_t);
