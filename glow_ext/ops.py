@@ -79,6 +79,8 @@ def channel_map(x, weight, offset):
     float64 x, float32 otherwise."""
     if _C is None:
         return reference.channel_map(x, weight, offset)
+    if _eager_training((x, weight, offset)):
+        return _ChannelMap.apply(x, weight, offset)
     return torch.ops.glow_ext.channel_map(x, weight, offset)
 
 
@@ -168,13 +170,20 @@ if _C is not None:
 
     def _channel_map_backward(ctx, grad_y):
         x, weight = ctx.saved_tensors
-        grad_x = torch.ops.glow_ext.channel_map(grad_y, weight.T.contiguous(), weight.new_zeros(weight.shape[0]))
-        grad_weight = grad_offset = None
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            g = grad_y.to(weight.dtype)
-            g = g.reshape(g.shape[0], g.shape[1], -1)
-            grad_weight = torch.einsum("nip,njp->ij", g, x.to(weight.dtype).reshape(g.shape))
-            grad_offset = g.sum(dim=(0, 2))
+        grad_x = grad_weight = grad_offset = None
+        with _below_autograd_unless_double_backward():
+            if ctx.needs_input_grad[0]:
+                grad_x = torch.ops.glow_ext.channel_map(grad_y, weight.T.contiguous(),
+                                                        weight.new_zeros(weight.shape[0]))
+            if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+                g = grad_y.to(weight.dtype)
+                g = g.reshape(g.shape[0], g.shape[1], -1)
+                if ctx.needs_input_grad[1]:
+                    # Σ_n g_n·x_nᵀ as one batched GEMM of the (N, C, M) views: no transposed copies.
+                    grad_weight = torch.bmm(
+                        g, x.to(weight.dtype).reshape(g.shape).transpose(1, 2)).sum(0)
+                if ctx.needs_input_grad[2]:
+                    grad_offset = g.sum(dim=(0, 2))
         return grad_x, grad_weight, grad_offset
 
     torch.library.register_autograd(
@@ -259,6 +268,18 @@ if _C is not None:
         @staticmethod
         def backward(ctx, grad_y, grad_logdet):
             return _forward_grads(ctx.saved_tensors, grad_y, grad_logdet)
+
+    class _ChannelMap(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, weight, offset):
+            with torch._C._AutoDispatchBelowAutograd():
+                y = torch.ops.glow_ext.channel_map.default(x, weight, offset)
+            ctx.save_for_backward(x, weight)
+            return y
+
+        @staticmethod
+        def backward(ctx, grad_y):
+            return _channel_map_backward(ctx, grad_y)
 
     class _FusedActNormInvConvLUInverse(torch.autograd.Function):
         @staticmethod
