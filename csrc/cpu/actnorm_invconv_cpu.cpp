@@ -2,7 +2,8 @@
 //
 // Two per-pixel primitives: the channel mix y = Wf·x + c (forward, inverse), and the backward pass
 // that mixes (dL/dx = Wfᵀ·g) and sums the weight gradient Σ g·xᵀ, Σ g in one sweep of the pixels. Both are loops over SIMD tiles of pixels compiled for AVX-512,
-// AVX2+FMA and baseline x86-64, picked at run time; past kDirectMaxChannels, GEMMs. The C x C work
+// AVX2+FMA and baseline x86-64, picked at run time; past kDirectMaxChannels, and for the mix on
+// images of many pixels from kGemmMinChannels, GEMMs. The C x C work
 // around them (weight fold, inverse map, chain rule) is SIMD loops too: they skip the zero triangles
 // a dense GEMM multiplies (a third of its flops) and the ~20 ATen launches of the generic version.
 #include <ATen/ATen.h>
