@@ -29,6 +29,7 @@ from torch import nn
 
 from .. import ops, reference
 from ..cache_invalidation import CachesDerivedTensors, cache_filled, cache_key
+from ._lu_samples import lu_sample_map
 
 __all__ = ["LULinear", "OneByOneConvolution"]
 
@@ -36,15 +37,15 @@ __all__ = ["LULinear", "OneByOneConvolution"]
 class LULinear(CachesDerivedTensors, nn.Module):
     """nflows' LULinear: outputs = L·U·x + bias, logabsdet (N,) = Σ log diag(U).
 
-    Both directions run the fused `glow_ext.ops` kernels on the strict triangles, log diag(U) and
-    an identity ActNorm (the op's bias is added before W, nflows' after, so the bias is a separate
-    add after the op, and a subtraction before the inverse op). Measured forward + backward, one
-    thread: the op and the add 0.48 / 0.56 / 1.15 ms at (512, 8 / 16 / 64), one channel_map pass
-    with the assembled W and the bias as its offset 0.59 / 0.67 / 1.18 ms; OneByOneConvolution at
-    (16, 12, 16, 16), with the permutation gathered before the op or folded into channel_map's W,
-    0.81 vs 0.94 ms. The (N, C) batch goes to the op as it is: with one position per sample the op
-    runs its passes as GEMMs over the batch. The per-sample log-determinant is Σ log diag(U) times
-    the positions per sample, computed here.
+    The density direction of LULinear assembles W from the triangles and runs one GEMM over the
+    (N, C) batch, the bias added in it (glow_ext.compat._lu_samples): at tabular sizes the fused
+    op's fixed costs exceed the work. OneByOneConvolution's runs the fused `glow_ext.ops` kernel on
+    the strict triangles, log diag(U) and an identity ActNorm (the op's bias is added before W,
+    nflows' after, so the bias is a separate add after the op), the input gathered for the
+    permutation (at (16, 12, 16, 16) 0.81 ms forward + backward against 0.94 ms with the
+    permutation folded into channel_map's W). With autograd, `inverse` runs the fused inverse op
+    on the input minus the bias. The per-sample log-determinant is Σ log diag(U) times the
+    positions per sample, computed here.
 
     `inverse` without autograd applies the cached map x = W⁻¹·y − W⁻¹·bias (computed in float64
     once per change of the parameters) in one pass: addmm for (N, C), channel_map per image.
@@ -136,17 +137,21 @@ class LULinear(CachesDerivedTensors, nn.Module):
         """The bias shaped to broadcast over inputs' positions, (1, C) or (1, C, 1, 1)."""
         return self.bias.view(1, -1, *([1] * (inputs.dim() - 2)))
 
-    def _per_sample_logabsdet(self, inputs, log_s, sign):
+    def _per_sample_logabsdet(self, inputs, logabsdet, sign):
+        """sign·H·W·log|det W| for each sample, from log|det W| = Σ log diag(U)."""
         pixels = inputs.shape[2] * inputs.shape[3] if inputs.dim() == 4 else 1
-        return (sign * pixels * log_s.sum()).repeat(inputs.shape[0])
+        return (sign * pixels * logabsdet).repeat(inputs.shape[0])
+
+    def _density(self, inputs):
+        """(W·x + bias per sample, Σ log diag(U)): one GEMM over the batch with W assembled from
+        the triangles (glow_ext.compat._lu_samples)."""
+        lower, upper = self._strict_triangles()
+        return lu_sample_map(inputs, lower, upper, torch.log(self.upper_diag), bias=self.bias)
 
     def forward(self, inputs, context=None):
         self._check_input(inputs)
-        args = self._op_args()
-        perm = self._input_permutation()
-        permuted = inputs if perm is None else inputs[:, perm]  # (P·x)[i] = x[perm[i]]
-        outputs, _ = ops.actnorm_invconv_lu(permuted, *args)
-        return outputs + self._bias_for(inputs), self._per_sample_logabsdet(inputs, args[5], 1)
+        outputs, logabsdet = self._density(inputs)
+        return outputs, self._per_sample_logabsdet(inputs, logabsdet, 1)
 
     def inverse(self, inputs, context=None):
         self._check_input(inputs)
@@ -156,13 +161,13 @@ class LULinear(CachesDerivedTensors, nn.Module):
             inverse_map = self.inverse_map(reference.accumulation_dtype(inputs))
             outputs = self._apply_map(inputs, *inverse_map)
             log_s = torch.log(self.upper_diag)
-            return outputs, self._per_sample_logabsdet(inputs, log_s, -1)
+            return outputs, self._per_sample_logabsdet(inputs, log_s.sum(), -1)
         args = self._op_args()
         outputs = ops.actnorm_invconv_lu_inverse(inputs - self._bias_for(inputs), *args)
         perm = self._input_permutation()
         if perm is not None:
             outputs = outputs[:, torch.argsort(perm)]  # Pᵀ·v
-        return outputs, self._per_sample_logabsdet(inputs, args[5], -1)
+        return outputs, self._per_sample_logabsdet(inputs, args[5].sum(), -1)
 
     def _state_tensors(self):
         return (self.bias, self.lower_entries, self.upper_entries, self.unconstrained_upper_diag)
@@ -222,6 +227,13 @@ class OneByOneConvolution(LULinear):
 
     def _apply_map(self, inputs, weight, offset):
         return ops.channel_map(inputs, weight, offset)
+
+    def _density(self, inputs):
+        """(W·(P·x) + bias per pixel, Σ log diag(U)) on the fused op, the input gathered for P."""
+        args = self._op_args()
+        permuted = inputs[:, self._input_permutation()]  # (P·x)[i] = x[perm[i]]
+        outputs, _ = ops.actnorm_invconv_lu(permuted, *args)
+        return outputs + self._bias_for(inputs), args[5].sum()
 
     def _state_tensors(self):
         return super()._state_tensors() + (self.permutation._permutation,)
