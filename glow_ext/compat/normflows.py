@@ -176,7 +176,8 @@ class _InvertibleLinearFlow(CachesDerivedTensors, nn.Module):
             log_det = _CachedLogAbsDet.apply(self.W, logabsdet64, inverse64) * self._pixels(z)
             return self._map(z, self.W), log_det
         output, logabsdet = self._lu_map(z)
-        return output, logabsdet * self._pixels(z)
+        pixels = self._pixels(z)
+        return output, logabsdet if pixels == 1 else logabsdet * pixels
 
     def _lu_map(self, z):
         """(W·v at every pixel, log|det W| = Σ log_S) from the LU parameters, on the fused op."""
