@@ -166,7 +166,7 @@ class LULinear(CachesDerivedTensors, nn.Module):
         outputs = ops.actnorm_invconv_lu_inverse(inputs - self._bias_for(inputs), *args)
         perm = self._input_permutation()
         if perm is not None:
-            outputs = outputs[:, torch.argsort(perm)]  # Pᵀ·v
+            outputs = outputs.index_select(1, torch.argsort(perm))  # Pᵀ·v
         return outputs, self._per_sample_logabsdet(inputs, args[5].sum(), -1)
 
     def _state_tensors(self):
@@ -231,7 +231,9 @@ class OneByOneConvolution(LULinear):
     def _density(self, inputs):
         """(W·(P·x) + bias per pixel, Σ log diag(U)) on the fused op, the input gathered for P."""
         args = self._op_args()
-        permuted = inputs[:, self._input_permutation()]  # (P·x)[i] = x[perm[i]]
+        # (P·x)[i] = x[perm[i]]; index_select, whose backward (index_add) took 0.27 against
+        # 0.45 ms for advanced indexing's (index_put) at (64, 96, 4, 4), forward + backward.
+        permuted = inputs.index_select(1, self._input_permutation())
         outputs, _ = ops.actnorm_invconv_lu(permuted, *args)
         return outputs + self._bias_for(inputs), args[5].sum()
 

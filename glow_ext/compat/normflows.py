@@ -194,7 +194,7 @@ class _InvertibleLinearFlow(CachesDerivedTensors, nn.Module):
             return self._map(z, self._inverse_and_logabsdet64()[0]), log_det
         output = ops.actnorm_invconv_lu_inverse(z, *self._lu_args())
         if self._transposed:
-            output = output[:, self._lu_perms()[0]]  # P·v
+            output = output.index_select(1, self._lu_perms()[0])  # P·v
         return output, log_det
 
     def extra_repr(self):
