@@ -39,13 +39,13 @@ class LULinear(CachesDerivedTensors, nn.Module):
 
     The density direction of LULinear assembles W from the triangles and runs one GEMM over the
     (N, C) batch, the bias added in it (glow_ext.compat._lu_samples): at tabular sizes the fused
-    op's fixed costs exceed the work. OneByOneConvolution's runs the fused `glow_ext.ops` kernel on
-    the strict triangles, log diag(U) and an identity ActNorm (the op's bias is added before W,
-    nflows' after, so the bias is a separate add after the op), the input gathered for the
-    permutation (at (16, 12, 16, 16) 0.81 ms forward + backward against 0.94 ms with the
-    permutation folded into channel_map's W). With autograd, `inverse` runs the fused inverse op
-    on the input minus the bias. The per-sample log-determinant is Σ log diag(U) times the
-    positions per sample, computed here.
+    op's fixed costs exceed the work. OneByOneConvolution's density direction runs the fused
+    `glow_ext.ops` kernel on the strict triangles, log diag(U) and an identity ActNorm (the op's
+    bias is added before W, nflows' after, so the bias is a separate add after the op), the input
+    gathered for the permutation (at (16, 12, 16, 16) 0.81 ms forward + backward against 0.94 ms
+    with the permutation folded into channel_map's W). With autograd, `inverse` runs the fused
+    inverse op on the input minus the bias. The per-sample log-determinant is Σ log diag(U) times
+    the positions per sample, computed here.
 
     `inverse` without autograd applies the cached map x = W⁻¹·y − W⁻¹·bias (computed in float64
     once per change of the parameters) in one pass: addmm for (N, C), channel_map per image.

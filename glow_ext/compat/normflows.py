@@ -157,8 +157,8 @@ class _InvertibleLinearFlow(CachesDerivedTensors, nn.Module):
         """The fused op's arguments after the input: for W, or (transposed) for
         Wᵀ = (triu(U, 1)ᵀ·D⁻¹ + I)·(D·tril(L, -1)ᵀ + D)·Pᵀ, D = diag(sign_S·exp(log_S)): a unit
         lower times an upper factor with diagonal D, as the op wants, run with perm = identity
-        (the inverse op's output then gathered for P). The op reads only the strict triangles, so Uᵀ·D⁻¹ and
-        D·Lᵀ need no masks (and their gradients stay on normflows' strict triangles)."""
+        (the inverse op's output then gathered for P). The op reads only the strict triangles, so
+        Uᵀ·D⁻¹ and D·Lᵀ need no masks (and their gradients stay on normflows' strict triangles)."""
         perm = self._lu_perms()[0]
         zeros = self.log_S.new_zeros(self.num_channels)
         if not self._transposed:
