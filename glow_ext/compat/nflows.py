@@ -67,11 +67,11 @@ class LULinear(CachesDerivedTensors, nn.Module):
         self.lower_entries = nn.Parameter(torch.zeros(n_triangular_entries))
         self.upper_entries = nn.Parameter(torch.zeros(n_triangular_entries))
         self.unconstrained_upper_diag = nn.Parameter(torch.zeros(features))
-        # Row-major, as numpy's tril_indices / triu_indices that nflows fills the triangles with.
-        self.register_buffer("_lower_indices", torch.tril_indices(features, features, -1),
-                             persistent=False)
-        self.register_buffer("_upper_indices", torch.triu_indices(features, features, 1),
-                             persistent=False)
+        # Row-major, as numpy's tril_indices / triu_indices that nflows fills the triangles with;
+        # flat (row·C + column), so that a scatter places the entries (its backward a gather).
+        for name, (rows, columns) in (("_lower_indices", torch.tril_indices(features, features, -1)),
+                                      ("_upper_indices", torch.triu_indices(features, features, 1))):
+            self.register_buffer(name, rows * features + columns, persistent=False)
         self._inverse_cache = None  # (key, weight, offset) of the inverse map
         self._initialize(identity_init)
 
@@ -99,11 +99,9 @@ class LULinear(CachesDerivedTensors, nn.Module):
     def _strict_triangles(self):
         """(strict lower of L, strict upper of U) as C x C matrices, differentiable."""
         c = self.features
-        lower = self.lower_entries.new_zeros(c, c).index_put(
-            tuple(self._lower_indices), self.lower_entries)
-        upper = self.upper_entries.new_zeros(c, c).index_put(
-            tuple(self._upper_indices), self.upper_entries)
-        return lower, upper
+        return tuple(entries.new_zeros(c * c).scatter(0, indices, entries).view(c, c)
+                     for entries, indices in ((self.lower_entries, self._lower_indices),
+                                              (self.upper_entries, self._upper_indices)))
 
     def weight(self):
         """W = L·U (C x C)."""
@@ -139,8 +137,8 @@ class LULinear(CachesDerivedTensors, nn.Module):
 
     def _per_sample_logabsdet(self, inputs, logabsdet, sign):
         """sign·H·W·log|det W| for each sample, from log|det W| = Σ log diag(U)."""
-        pixels = inputs.shape[2] * inputs.shape[3] if inputs.dim() == 4 else 1
-        return (sign * pixels * logabsdet).repeat(inputs.shape[0])
+        factor = sign * (inputs.shape[2] * inputs.shape[3] if inputs.dim() == 4 else 1)
+        return (logabsdet if factor == 1 else factor * logabsdet).repeat(inputs.shape[0])
 
     def _density(self, inputs):
         """(W·x + bias per sample, Σ log diag(U)): one GEMM over the batch with W assembled from
