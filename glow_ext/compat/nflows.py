@@ -72,7 +72,7 @@ class LULinear(CachesDerivedTensors, nn.Module):
         for name, (rows, columns) in (("_lower_indices", torch.tril_indices(features, features, -1)),
                                       ("_upper_indices", torch.triu_indices(features, features, 1))):
             self.register_buffer(name, rows * features + columns, persistent=False)
-        self._inverse_cache = None  # (key, weight, offset) of the inverse map
+        self._inverse_cache = None  # (key, weight, offset, log|det W|) of the sampling direction
         self._initialize(identity_init)
 
     @torch.no_grad()
@@ -156,10 +156,9 @@ class LULinear(CachesDerivedTensors, nn.Module):
         needs_autograd = torch.is_grad_enabled() and (
             inputs.requires_grad or any(p.requires_grad for p in self.parameters()))
         if not (needs_autograd or torch.compiler.is_compiling()):
-            inverse_map = self.inverse_map(reference.accumulation_dtype(inputs))
-            outputs = self._apply_map(inputs, *inverse_map)
-            log_s = torch.log(self.upper_diag)
-            return outputs, self._per_sample_logabsdet(inputs, log_s.sum(), -1)
+            weight, offset, logabsdet = self._sampling_map(reference.accumulation_dtype(inputs))
+            outputs = self._apply_map(inputs, weight, offset)
+            return outputs, self._per_sample_logabsdet(inputs, logabsdet, -1)
         args = self._op_args()
         outputs = ops.actnorm_invconv_lu_inverse(inputs - self._bias_for(inputs), *args)
         perm = self._input_permutation()
@@ -170,10 +169,15 @@ class LULinear(CachesDerivedTensors, nn.Module):
     def _state_tensors(self):
         return (self.bias, self.lower_entries, self.upper_entries, self.unconstrained_upper_diag)
 
-    @torch.no_grad()
     def inverse_map(self, dtype=torch.float32):
         """(weight (C, C), offset (C,)) with inverse(y) = weight·y + offset per pixel, in `dtype`;
         computed in float64 by triangular solves and cached until a parameter changes."""
+        return self._sampling_map(dtype)[:2]
+
+    @torch.no_grad()
+    def _sampling_map(self, dtype):
+        """(weight, offset) of `inverse_map` and log|det W| = Σ log diag(U), cached together: the
+        sampling direction without autograd reads all three."""
         key = (dtype, self.eps, cache_key(self._state_tensors()))
         if self._inverse_cache is None or self._inverse_cache[0] != key:
             lower, upper = self._strict_triangles()
@@ -189,7 +193,7 @@ class LULinear(CachesDerivedTensors, nn.Module):
             if perm is not None:
                 inverse_perm = torch.argsort(perm)
                 inverse, offset = inverse[inverse_perm], offset[inverse_perm]
-            self._inverse_cache = (key, inverse.to(dtype), offset.to(dtype))
+            self._inverse_cache = (key, inverse.to(dtype), offset.to(dtype), self.logabsdet())
             cache_filled()
         return self._inverse_cache[1:]
 
