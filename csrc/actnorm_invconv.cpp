@@ -298,7 +298,15 @@ void mix_outer(const Backend& backend, const at::Tensor& src, const at::Tensor& 
   const auto acc = weight.scalar_type();
   const auto g3 = (outer_of_out ? out : src).view({N, C, M}).to(acc);
   const auto x3 = x.view({N, C, M}).to(acc);
-  grad_folded = N == 1 ? at::mm(g3[0], x3[0].t()) : at::bmm(g3, x3.transpose(1, 2)).sum(0);
+  if (N > 1 && 4 * M <= C) {
+    // Σ_n g_n·x_nᵀ as one GEMM of the images laid out as (C, N·M): with few pixels per image, the
+    // N products of a batched GEMM (N·C² entries, then summed) far outgrow the images (backward op
+    // at 64x96x4x4: 0.29 against 0.38 ms for the two; at 64x48x4x4 and 64x96x8x8 the batched GEMM
+    // is faster).
+    grad_folded = at::mm(g3.transpose(0, 1).reshape({C, N * M}), x3.transpose(0, 1).reshape({C, N * M}).t());
+  } else {
+    grad_folded = N == 1 ? at::mm(g3[0], x3[0].t()) : at::bmm(g3, x3.transpose(1, 2)).sum(0);
+  }
   // Spelled out: a bare {0, 2} also matches DimnameList's (pointer, length) constructor in older torch.
   grad_offset = g3.sum(at::IntArrayRef{0, 2});
 }

@@ -367,3 +367,30 @@ def test_nflows_weight_and_logabsdet_match(variant, device):
     assert_rel_close(ours.weight(), original.weight(), VALUE_TOL, "weight()")
     assert_rel_close(ours.logabsdet(), original.logabsdet(), VALUE_TOL, "logabsdet()")
     assert_rel_close(ours.upper_diag, original.upper_diag, VALUE_TOL, "upper_diag")
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["x-WT", "x-W"])
+@pytest.mark.parametrize("permuted", [False, True], ids=["identity", "perm"])
+def test_lu_sample_map_gradcheck(permuted, transposed):
+    from glow_ext.compat._lu_samples import lu_sample_map
+
+    g = make_generator(21)
+    C = 5
+    x, lower, upper = (torch.randn(shape, generator=g, dtype=torch.float64)
+                       for shape in ((BATCH, C), (C, C), (C, C)))
+    log_s, bias = (0.3 * torch.randn(C, generator=g, dtype=torch.float64) for _ in range(2))
+    sign_s = torch.where(torch.rand(C, generator=g) < 0.5, -1.0, 1.0).double()
+    perm = torch.randperm(C, generator=g) if permuted else None
+    inverse_perm = None if perm is None else torch.argsort(perm)
+    inputs = [t.requires_grad_() for t in (x, lower, upper, log_s, bias)]
+
+    def fn(x, lower, upper, log_s, bias):
+        return lu_sample_map(x, lower, upper, log_s, sign_s, perm, inverse_perm, bias, transposed)
+
+    assert torch.autograd.gradcheck(fn, inputs)
+    perm_matrix = torch.eye(C, dtype=torch.float64)[perm] if permuted else torch.eye(C, dtype=torch.float64)
+    weight = (perm_matrix @ (torch.tril(lower, -1) + torch.eye(C, dtype=torch.float64))
+              @ (torch.triu(upper, 1) + torch.diag(sign_s * torch.exp(log_s))))
+    y, logdet = fn(*inputs)
+    assert_rel_close(y, x @ (weight if transposed else weight.T) + bias, VALUE_TOL)
+    assert_rel_close(logdet, log_s.sum(), VALUE_TOL)

@@ -1007,8 +1007,9 @@ def _channel_map_inputs(shape, dtype, device, seed=11):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(3, 5, 7, 3), (2, 48, 4, 4), (1, 65, 7, 3), (2, 520, 3, 3)],
-                         ids=["C5", "C48", "C65", "C520-gemm"])
+@pytest.mark.parametrize("shape", [(3, 5, 7, 3), (2, 48, 4, 4), (1, 65, 7, 3), (2, 40, 8, 9),
+                                   (2, 520, 3, 3)],
+                         ids=["C5", "C48", "C65", "C40-72px-gemm", "C520-gemm"])
 def test_channel_map_matches_dense_float64(shape, dtype, device):
     x, weight, offset = _channel_map_inputs(shape, dtype, device)
     y = ops.channel_map(x, weight, offset)
@@ -1034,6 +1035,11 @@ def test_channel_map_gradcheck_and_opcheck(device):
     x, weight, offset = _channel_map_inputs((2, 5, 3, 3), torch.float64, device)
     inputs = [t.clone().requires_grad_() for t in (x, weight, offset)]
     assert torch.autograd.gradcheck(ops.channel_map, inputs)
+    assert torch.autograd.gradgradcheck(ops.channel_map, inputs)
+    # Each input's gradient alone, as in the drop-ins (offset and x without gradients).
+    for index in range(3):
+        alone = [t.detach().requires_grad_(i == index) for i, t in enumerate(inputs)]
+        assert torch.autograd.gradcheck(ops.channel_map, alone)
     x32, w32, o32 = (t.float().requires_grad_() for t in _channel_map_inputs((2, 7, 2, 3), torch.float32, device))
     torch.library.opcheck(torch.ops.glow_ext.channel_map.default, (x32, w32, o32))
 

@@ -2,7 +2,8 @@
 //
 // Two per-pixel primitives: the channel mix y = Wf·x + c (forward, inverse), and the backward pass
 // that mixes (dL/dx = Wfᵀ·g) and sums the weight gradient Σ g·xᵀ, Σ g in one sweep of the pixels. Both are loops over SIMD tiles of pixels compiled for AVX-512,
-// AVX2+FMA and baseline x86-64, picked at run time; past kDirectMaxChannels, GEMMs. The C x C work
+// AVX2+FMA and baseline x86-64, picked at run time; past kDirectMaxChannels, and for the mix on
+// images of many pixels from kGemmMinChannels, GEMMs. The C x C work
 // around them (weight fold, inverse map, chain rule) is SIMD loops too: they skip the zero triangles
 // a dense GEMM multiplies (a third of its flops) and the ~20 ATen launches of the generic version.
 // A bfloat16 image is mixed in float32 tile by tile (widened, mixed, each output rounded once, see
@@ -24,6 +25,12 @@ namespace glow_ext {
 namespace {
 
 constexpr int64_t kDirectMaxChannels = 512;  // beat at::baddbmm at every C measured (up to 256)
+// ... on images of few pixels. From kGemmMinChannels channels and kGemmMinPixels pixels per image,
+// MKL's batched GEMM streams the pixels faster than the tiles (the loops took 1.1-1.8x as long, one
+// and two threads: 64x48x8x8, 16x96x16x16, 16x192x8x8, 4x48x64x64, 32x80x500, 32x160x500); with
+// 16 pixels per image the loops still win (64x96x4x4, 16x384x4x4: 0.9x).
+constexpr int64_t kGemmMinChannels = 32;
+constexpr int64_t kGemmMinPixels = 64;
 // Up to these C the loops (float64 accumulation) beat the generic ATen versions on 2 threads:
 // forward op 1.1-1.5x and backward op 1.1-1.3x at C = 48 ... 256, 0.98x at C = 512 (fold and
 // chain); the inverse map's register-blocked loops 1.2-1.6x the float64 solves at C = 320 ... 1024.
@@ -620,7 +627,7 @@ at::Tensor channel_mix_cpu(const at::Tensor& x, const ChannelMap& map) {
   const int64_t N = x.size(0), C = x.size(1), M = positions_per_sample(x);
   const auto weight = map.weight.contiguous();
   const auto offset = map.offset.contiguous();
-  if (C > kDirectMaxChannels) {
+  if (C > kDirectMaxChannels || (C >= kGemmMinChannels && M >= kGemmMinPixels)) {
     const auto y = at::baddbmm(offset.view({1, C, 1}).expand({N, C, M}), weight.expand({N, C, C}),
                                x.view({N, C, M}).to(weight.scalar_type()));
     return y.view(x.sizes()).to(x.scalar_type());

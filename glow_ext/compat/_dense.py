@@ -43,7 +43,7 @@ def _needs_autograd(*tensors) -> bool:
 
 class DenseWeightCache(CachesDerivedTensors):
     """Mixin for a module with a dense invertible weight: `_dense_logabsdet(W)`, `_dense_map(x, W)`
-    and `_dense_inverse_map(x, W)` for x (N, C, H, W); W⁻¹ and log|det W| cached per W version."""
+    and `_dense_inverse_map(x, W)` for x (N, C, *spatial); W⁻¹ and log|det W| cached per W version."""
 
     _cache_attributes = ("_dense_cache",)
 
@@ -71,13 +71,13 @@ class DenseWeightCache(CachesDerivedTensors):
         return logabsdet
 
     def _dense_map(self, x, weight):
-        """W·x per pixel of x (N, C, H, W)."""
+        """W·x per position of x (N, C, *spatial)."""
         dtype = reference.accumulation_dtype(x)
         _, _, zeros = self._derived(weight, dtype)
         return ops.channel_map(x, weight.to(dtype), zeros)
 
     def _dense_inverse_map(self, x, weight):
-        """W⁻¹·x per pixel of x (N, C, H, W), differentiable in x and W."""
+        """W⁻¹·x per position of x (N, C, *spatial), differentiable in x and W."""
         dtype = reference.accumulation_dtype(x)
         inverse, _, zeros = self._derived(weight, dtype)
         if _needs_autograd(weight):

@@ -29,6 +29,7 @@ from torch import nn
 
 from .. import ops, reference
 from ..cache_invalidation import CachesDerivedTensors, cache_filled, cache_key
+from ._lu_samples import lu_sample_map
 
 __all__ = ["LULinear", "OneByOneConvolution"]
 
@@ -36,14 +37,14 @@ __all__ = ["LULinear", "OneByOneConvolution"]
 class LULinear(CachesDerivedTensors, nn.Module):
     """nflows' LULinear: outputs = L·U·x + bias, logabsdet (N,) = Σ log diag(U).
 
-    Both directions run the fused `glow_ext.ops` kernels on the strict triangles, log diag(U) and
-    an identity ActNorm (the op's bias is added before W, nflows' after, so the bias is a separate
-    add after the op, and a subtraction before the inverse op). Measured forward + backward, one
-    thread: the op and the add 0.48 / 0.56 / 1.15 ms at (512, 8 / 16 / 64), one channel_map pass
-    with the assembled W and the bias as its offset 0.59 / 0.67 / 1.18 ms; OneByOneConvolution at
-    (16, 12, 16, 16), with the permutation gathered before the op or folded into channel_map's W,
-    0.81 vs 0.94 ms. The (N, C) batch goes to the op as it is: with one position per sample the op
-    runs its passes as GEMMs over the batch. The per-sample log-determinant is Σ log diag(U) times
+    The density direction of LULinear assembles W from the triangles and runs one GEMM over the
+    (N, C) batch, the bias added in it (glow_ext.compat._lu_samples): at tabular sizes the fused
+    op's fixed costs exceed the work. OneByOneConvolution's density direction runs the fused
+    `glow_ext.ops` kernel on the strict triangles, log diag(U) and an identity ActNorm (the op's
+    bias is added before W, nflows' after, so the bias is a separate add after the op), the input
+    gathered for the permutation (at (16, 12, 16, 16) 0.81 ms forward + backward against 0.94 ms
+    with the permutation folded into channel_map's W). With autograd, `inverse` runs the fused
+    inverse op on the input minus the bias. The per-sample log-determinant is Σ log diag(U) times
     the positions per sample, computed here.
 
     `inverse` without autograd applies the cached map x = W⁻¹·y − W⁻¹·bias (computed in float64
@@ -66,12 +67,12 @@ class LULinear(CachesDerivedTensors, nn.Module):
         self.lower_entries = nn.Parameter(torch.zeros(n_triangular_entries))
         self.upper_entries = nn.Parameter(torch.zeros(n_triangular_entries))
         self.unconstrained_upper_diag = nn.Parameter(torch.zeros(features))
-        # Row-major, as numpy's tril_indices / triu_indices that nflows fills the triangles with.
-        self.register_buffer("_lower_indices", torch.tril_indices(features, features, -1),
-                             persistent=False)
-        self.register_buffer("_upper_indices", torch.triu_indices(features, features, 1),
-                             persistent=False)
-        self._inverse_cache = None  # (key, weight, offset) of the inverse map
+        # Row-major, as numpy's tril_indices / triu_indices that nflows fills the triangles with;
+        # flat (row·C + column), so that a scatter places the entries (its backward a gather).
+        for name, (rows, columns) in (("_lower_indices", torch.tril_indices(features, features, -1)),
+                                      ("_upper_indices", torch.triu_indices(features, features, 1))):
+            self.register_buffer(name, rows * features + columns, persistent=False)
+        self._inverse_cache = None  # (key, weight, offset, log|det W|) of the sampling direction
         self._initialize(identity_init)
 
     @torch.no_grad()
@@ -98,11 +99,9 @@ class LULinear(CachesDerivedTensors, nn.Module):
     def _strict_triangles(self):
         """(strict lower of L, strict upper of U) as C x C matrices, differentiable."""
         c = self.features
-        lower = self.lower_entries.new_zeros(c, c).index_put(
-            tuple(self._lower_indices), self.lower_entries)
-        upper = self.upper_entries.new_zeros(c, c).index_put(
-            tuple(self._upper_indices), self.upper_entries)
-        return lower, upper
+        return tuple(entries.new_zeros(c * c).scatter(0, indices, entries).view(c, c)
+                     for entries, indices in ((self.lower_entries, self._lower_indices),
+                                              (self.upper_entries, self._upper_indices)))
 
     def weight(self):
         """W = L·U (C x C)."""
@@ -136,41 +135,49 @@ class LULinear(CachesDerivedTensors, nn.Module):
         """The bias shaped to broadcast over inputs' positions, (1, C) or (1, C, 1, 1)."""
         return self.bias.view(1, -1, *([1] * (inputs.dim() - 2)))
 
-    def _per_sample_logabsdet(self, inputs, log_s, sign):
-        pixels = inputs.shape[2] * inputs.shape[3] if inputs.dim() == 4 else 1
-        return (sign * pixels * log_s.sum()).repeat(inputs.shape[0])
+    def _per_sample_logabsdet(self, inputs, logabsdet, sign):
+        """sign·H·W·log|det W| for each sample, from log|det W| = Σ log diag(U)."""
+        factor = sign * (inputs.shape[2] * inputs.shape[3] if inputs.dim() == 4 else 1)
+        return (logabsdet if factor == 1 else factor * logabsdet).repeat(inputs.shape[0])
+
+    def _density(self, inputs):
+        """(W·x + bias per sample, Σ log diag(U)): one GEMM over the batch with W assembled from
+        the triangles (glow_ext.compat._lu_samples)."""
+        lower, upper = self._strict_triangles()
+        return lu_sample_map(inputs, lower, upper, torch.log(self.upper_diag), bias=self.bias)
 
     def forward(self, inputs, context=None):
         self._check_input(inputs)
-        args = self._op_args()
-        perm = self._input_permutation()
-        permuted = inputs if perm is None else inputs[:, perm]  # (P·x)[i] = x[perm[i]]
-        outputs, _ = ops.actnorm_invconv_lu(permuted, *args)
-        return outputs + self._bias_for(inputs), self._per_sample_logabsdet(inputs, args[5], 1)
+        outputs, logabsdet = self._density(inputs)
+        return outputs, self._per_sample_logabsdet(inputs, logabsdet, 1)
 
     def inverse(self, inputs, context=None):
         self._check_input(inputs)
         needs_autograd = torch.is_grad_enabled() and (
             inputs.requires_grad or any(p.requires_grad for p in self.parameters()))
         if not (needs_autograd or torch.compiler.is_compiling()):
-            inverse_map = self.inverse_map(reference.accumulation_dtype(inputs))
-            outputs = self._apply_map(inputs, *inverse_map)
-            log_s = torch.log(self.upper_diag)
-            return outputs, self._per_sample_logabsdet(inputs, log_s, -1)
+            weight, offset, logabsdet = self._sampling_map(reference.accumulation_dtype(inputs))
+            outputs = self._apply_map(inputs, weight, offset)
+            return outputs, self._per_sample_logabsdet(inputs, logabsdet, -1)
         args = self._op_args()
         outputs = ops.actnorm_invconv_lu_inverse(inputs - self._bias_for(inputs), *args)
         perm = self._input_permutation()
         if perm is not None:
-            outputs = outputs[:, torch.argsort(perm)]  # Pᵀ·v
-        return outputs, self._per_sample_logabsdet(inputs, args[5], -1)
+            outputs = outputs.index_select(1, torch.argsort(perm))  # Pᵀ·v
+        return outputs, self._per_sample_logabsdet(inputs, args[5].sum(), -1)
 
     def _state_tensors(self):
         return (self.bias, self.lower_entries, self.upper_entries, self.unconstrained_upper_diag)
 
-    @torch.no_grad()
     def inverse_map(self, dtype=torch.float32):
         """(weight (C, C), offset (C,)) with inverse(y) = weight·y + offset per pixel, in `dtype`;
         computed in float64 by triangular solves and cached until a parameter changes."""
+        return self._sampling_map(dtype)[:2]
+
+    @torch.no_grad()
+    def _sampling_map(self, dtype):
+        """(weight, offset) of `inverse_map` and log|det W| = Σ log diag(U), cached together: the
+        sampling direction without autograd reads all three."""
         key = (dtype, self.eps, cache_key(self._state_tensors()))
         if self._inverse_cache is None or self._inverse_cache[0] != key:
             lower, upper = self._strict_triangles()
@@ -186,7 +193,7 @@ class LULinear(CachesDerivedTensors, nn.Module):
             if perm is not None:
                 inverse_perm = torch.argsort(perm)
                 inverse, offset = inverse[inverse_perm], offset[inverse_perm]
-            self._inverse_cache = (key, inverse.to(dtype), offset.to(dtype))
+            self._inverse_cache = (key, inverse.to(dtype), offset.to(dtype), self.logabsdet())
             cache_filled()
         return self._inverse_cache[1:]
 
@@ -222,6 +229,15 @@ class OneByOneConvolution(LULinear):
 
     def _apply_map(self, inputs, weight, offset):
         return ops.channel_map(inputs, weight, offset)
+
+    def _density(self, inputs):
+        """(W·(P·x) + bias per pixel, Σ log diag(U)) on the fused op, the input gathered for P."""
+        args = self._op_args()
+        # (P·x)[i] = x[perm[i]]; index_select, whose backward (index_add) took 0.27 against
+        # 0.45 ms for advanced indexing's (index_put) at (64, 96, 4, 4), forward + backward.
+        permuted = inputs.index_select(1, self._input_permutation())
+        outputs, _ = ops.actnorm_invconv_lu(permuted, *args)
+        return outputs + self._bias_for(inputs), args[5].sum()
 
     def _state_tensors(self):
         return super()._state_tensors() + (self.permutation._permutation,)

@@ -19,6 +19,7 @@ from torch import nn
 from .. import ops, reference
 from ..cache_invalidation import CachesDerivedTensors, cache_filled, cache_key
 from . import _Memo, _permutation_of
+from ._lu_samples import lu_sample_map
 
 __all__ = ["Invertible1x1Conv", "InvertibleAffine"]
 
@@ -68,7 +69,9 @@ class _InvertibleLinearFlow(CachesDerivedTensors, nn.Module):
 
     LU: the fused `glow_ext.ops` kernels run on L, U, log_S, sign_S directly (ActNorm part: bias =
     logs = 0), with perm = P.argmax(dim=1); they read only the strict triangles of L and U, which
-    is what normflows' tril/triu select. The sampling direction without autograd is one pass with
+    is what normflows' tril/triu select. InvertibleAffine's density direction instead assembles
+    W and runs one GEMM over the (N, C) batch (glow_ext.compat._lu_samples: at tabular sizes the
+    op's fixed costs exceed the work). The sampling direction without autograd is one pass with
     the cached W⁻¹ (float64 triangular solves): channel_map per image, a matrix product for
     InvertibleAffine.
 
@@ -154,8 +157,8 @@ class _InvertibleLinearFlow(CachesDerivedTensors, nn.Module):
         """The fused op's arguments after the input: for W, or (transposed) for
         Wᵀ = (triu(U, 1)ᵀ·D⁻¹ + I)·(D·tril(L, -1)ᵀ + D)·Pᵀ, D = diag(sign_S·exp(log_S)): a unit
         lower times an upper factor with diagonal D, as the op wants, run with perm = identity
-        after a gather of the input for Pᵀ. The op reads only the strict triangles, so Uᵀ·D⁻¹ and
-        D·Lᵀ need no masks (and their gradients stay on normflows' strict triangles)."""
+        (the inverse op's output then gathered for P). The op reads only the strict triangles, so
+        Uᵀ·D⁻¹ and D·Lᵀ need no masks (and their gradients stay on normflows' strict triangles)."""
         perm = self._lu_perms()[0]
         zeros = self.log_S.new_zeros(self.num_channels)
         if not self._transposed:
@@ -172,10 +175,13 @@ class _InvertibleLinearFlow(CachesDerivedTensors, nn.Module):
             inverse64, logabsdet64 = self._inverse_and_logabsdet64()
             log_det = _CachedLogAbsDet.apply(self.W, logabsdet64, inverse64) * self._pixels(z)
             return self._map(z, self.W), log_det
-        args = self._lu_args()
-        permuted = z[:, self._lu_perms()[1]] if self._transposed else z  # Pᵀ·v
-        output, _ = ops.actnorm_invconv_lu(permuted, *args)
-        return output, torch.sum(self.log_S) * self._pixels(z)
+        output, logabsdet = self._lu_map(z)
+        pixels = self._pixels(z)
+        return output, logabsdet if pixels == 1 else logabsdet * pixels
+
+    def _lu_map(self, z):
+        """(W·v at every pixel, log|det W| = Σ log_S) from the LU parameters, on the fused op."""
+        return ops.actnorm_invconv_lu(z, *self._lu_args())[0], torch.sum(self.log_S)
 
     def forward(self, z):
         """The sampling direction: W⁻¹ applied, log_det = −H·W·log|det W| (0-dim)."""
@@ -188,7 +194,7 @@ class _InvertibleLinearFlow(CachesDerivedTensors, nn.Module):
             return self._map(z, self._inverse_and_logabsdet64()[0]), log_det
         output = ops.actnorm_invconv_lu_inverse(z, *self._lu_args())
         if self._transposed:
-            output = output[:, self._lu_perms()[0]]  # P·v
+            output = output.index_select(1, self._lu_perms()[0])  # P·v
         return output, log_det
 
     def extra_repr(self):
@@ -219,6 +225,13 @@ class InvertibleAffine(_InvertibleLinearFlow):
         (512, 64), one thread: 0.46 ms, against 0.91 ms through channel_map and 0.52 ms for
         normflows, which also runs slogdet)."""
         return z @ matrix.to(z.dtype)
+
+    def _lu_map(self, z):
+        """(z @ W, Σ log_S): one GEMM over the batch with W assembled from the factors
+        (glow_ext.compat._lu_samples)."""
+        perm, inverse_perm = self._lu_perms()
+        return lu_sample_map(z, self.L, self.U, self.log_S, self.sign_S, perm, inverse_perm,
+                             transposed=True)
 
     def forward(self, z, context=None):
         return super().forward(z)

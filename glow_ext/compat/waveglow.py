@@ -6,7 +6,7 @@ NVIDIA/DeepLearningExamples' Tacotron2 / FastPitch copies (`waveglow/model.py`).
   NVIDIA/waveglow's `forward(z, reverse=False)` (reverse returns only z) and DeepLearningExamples'
   `forward(z)`, `infer(z)` and `_invert()`. z is (batch, c, groups).
 
-Runs on the fused `glow_ext.ops.channel_map` kernel (z viewed as (batch, c, groups, 1)), with W⁻¹
+Runs on the fused `glow_ext.ops.channel_map` kernel (groups as the positions), with W⁻¹
 and log|det W| derived only when W changes (glow_ext.compat._dense).
 """
 import torch
@@ -58,12 +58,12 @@ class Invertible1x1Conv(DenseWeightCache, nn.Module):
             return self.infer(z)
         batch_size, _, groups = z.shape
         weight = self._weight()
-        output = self._dense_map(z.unsqueeze(3), weight).squeeze(3)
+        output = self._dense_map(z, weight)
         return output, batch_size * groups * self._dense_logabsdet(weight)
 
     def infer(self, z):
         """W⁻¹·z (DeepLearningExamples' name for `forward(z, reverse=True)`)."""
-        return self._dense_inverse_map(z.unsqueeze(3), self._weight()).squeeze(3)
+        return self._dense_inverse_map(z, self._weight())
 
     def _invert(self):
         """Computes W⁻¹ now (the originals' explicit inverse caching); `infer` keeps it current."""
