@@ -24,8 +24,8 @@ fills the amp-<device> section of docs/mixed-precision.md.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
+import math
 import os
 import sys
 import time
@@ -118,6 +118,8 @@ def run_config(config, device, settings, amp, seed, progress, ceilings):
     progress(f"{config['name']}: round trips x -> z -> x, float32 and {amp}")
     round_trip = {"float32": round_trip_errors(ours, x, "none", device),
                   amp: round_trip_errors(ours, x, amp, device)}
+    if not all(math.isfinite(e) for errors in round_trip.values() for e in errors.values()):
+        raise BenchError(f"{config['name']}: a round trip x -> z -> x is not finite: {round_trip}")
 
     loss_fns = {"ours": e2e._bpd_loss, "ours_compiled": lambda m, x: compiled(x),
                 "rosinality": e2e._rosinality_loss}
