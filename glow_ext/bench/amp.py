@@ -35,10 +35,9 @@ import torch
 
 from ..models import CompiledAfterInit
 from ..training.distributed import AUTOCAST_DTYPES, autocast_context
-from . import e2e
+from . import dropin, e2e
 from . import report as bench_report
 from .common import BenchError, report_header, synchronizer, time_methods
-from .dropin import ratio_band, start_run
 from .roofline import dtype_name, measure_ceilings
 
 CONFIGS = {
@@ -155,7 +154,7 @@ def run_config(config, device, settings, amp, seed, progress, ceilings):
 
     def ratio(timing, base, other):
         return {"ratio": timing[base]["median_ms"] / timing[other]["median_ms"],
-                "iqr_band": ratio_band(timing[base], timing[other])}
+                "iqr_band": dropin.ratio_band(timing[base], timing[other])}
     speedups = {
         "train": {"amp_vs_float32": ratio(train, "ours", "ours_amp"),
                   "compiled_amp_vs_compiled_float32": ratio(train, "ours_compiled", "ours_compiled_amp"),
@@ -183,7 +182,7 @@ def run(args, stream=None):
     settings = dict(QUICK if args.quick else FULL)
     if args.compile_backend:
         settings["compile_backend"] = args.compile_backend
-    device, path = start_run(args, "amp", settings, stream)
+    device, path = dropin.start_run(args, "amp", settings, stream)
     device = torch.device(device)
     amp = AMP[device.type]
     started, load_before = time.perf_counter(), os.getloadavg()
@@ -302,14 +301,7 @@ NOTES = {
 
 
 def add_arguments(parser):
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--quick", action="store_true",
-                        help="a tiny model for tests; writes to a new temporary folder unless --out "
-                             "is given, never over full results")
-    parser.add_argument("--out", type=Path, default=None, help="output folder (default benchmarks/results)")
-    parser.add_argument("--reps", type=int, default=None, help=f"timed rounds (default {FULL['reps']})")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads first")
-    parser.add_argument("--seed", type=int, default=0)
+    dropin.add_arguments(parser, FULL, "a tiny model for tests")
     parser.add_argument("--compile-backend", choices=("inductor", "aot_eager"), default=None,
                         help="torch.compile backend of the compiled methods (default inductor; "
                              "aot_eager with --quick)")
@@ -321,12 +313,7 @@ def add_arguments(parser):
 
 
 def run_command(args):
-    try:
-        run(args)
-    except BenchError as error:
-        print(f"glow-ext bench-amp: error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return dropin.run_command(args, run, "bench-amp")
 
 
 def main(argv=None):
