@@ -533,11 +533,6 @@ def test_labels_out_of_range_are_a_clear_error(tmp_path, capsys):
     assert (tmp_path / "s.png").is_file()
 
 
-def test_bf16_on_cpu_is_refused(tmp_path, capsys):
-    assert main(["train", *TINY, "--amp", "bf16", "--out", str(tmp_path / "run")]) == 2
-    assert "--amp bf16 needs --device cuda" in capsys.readouterr().err
-
-
 # --------------------------------------------------------------------------------------------------
 # sample and evaluate
 

@@ -3,7 +3,7 @@ out of the library: `import glow_ext` does not import it.
 
   config       defaults (global and per dataset), the train arguments, validation
   data         digits, CIFAR-10 and image folders as integer levels; batching, dequantization
-  distributed  torchrun's process group, the device, bf16 autocast, rank-0 logging
+  distributed  torchrun's process group, the device, mixed precision, rank-0 logging
   objective    the model of a configuration, the loss, optimizer, schedule, EMA, step noise
   evaluation   test bits/dim and sample grids
   checkpoint   atomic checkpoint writes, checked loads, RNG states, metrics.jsonl
