@@ -24,7 +24,6 @@ fills the amp-<device> section of docs/mixed-precision.md.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -196,10 +195,7 @@ def run(args, stream=None):
     report = {"benchmark": "glow-ext bench-amp", **report_header(device),
               "config": dict(settings, quick=args.quick, amp=amp, wall_s=time.perf_counter() - started),
               "ceilings": ceilings, "configs": configs, "notes": NOTES}
-    report["machine"]["load_average"] = {"before": load_before, "after": os.getloadavg()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=1) + "\n")
-    print(f"wrote {path} ({report['config']['wall_s']:.0f} s)", file=stream)
+    dropin.write_report(report, path, load_before, stream)
     if args.update_readme:
         if args.quick:
             raise BenchError("--update-readme takes full results only, not --quick ones")

@@ -244,6 +244,15 @@ def start_run(args, name, cfg, stream):
     return device, path
 
 
+def write_report(report, path, load_before, stream):
+    """Writes a benchmark report as JSON to path, with the load average before and after the run
+    (report["machine"]) and its wall time (report["config"]["wall_s"]) said on stream."""
+    report["machine"]["load_average"] = {"before": load_before, "after": os.getloadavg()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"wrote {path} ({report['config']['wall_s']:.0f} s)", file=stream)
+
+
 def run(args, stream=None):
     stream = stream or sys.stdout
     cfg = dict(QUICK if args.quick else FULL)
@@ -259,10 +268,7 @@ def run(args, stream=None):
                              image_shape=[3, cfg["image"], cfg["image"]],
                              optimizer="Adam", wall_s=time.perf_counter() - started),
               "anchors": anchors, "target_ratio": TARGET_RATIO, "notes": NOTES}
-    report["machine"]["load_average"] = {"before": load_before, "after": os.getloadavg()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=1) + "\n")
-    print(f"wrote {path} ({report['config']['wall_s']:.0f} s)", file=stream)
+    write_report(report, path, load_before, stream)
     return report
 
 

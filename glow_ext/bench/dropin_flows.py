@@ -24,7 +24,6 @@ Writes dropin-flows-<device>.json under --out. `--quick`: tiny shapes, for tests
 results). On a machine shared with other work, `--threads 1` (see glow_ext.bench.dropin).
 """
 import argparse
-import json
 import math
 import os
 import sys
@@ -335,10 +334,7 @@ def run(args, stream=None):
               "config": dict(cfg, dtype="float32", modes=list(MODES), tol=TOL,
                              wall_s=time.perf_counter() - started),
               "ceilings": ceilings, "cases": results, "notes": NOTES}
-    report["machine"]["load_average"] = {"before": load_before, "after": os.getloadavg()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=1) + "\n")
-    print(f"wrote {path} ({report['config']['wall_s']:.0f} s)", file=stream)
+    dropin.write_report(report, path, load_before, stream)
     return report
 
 
